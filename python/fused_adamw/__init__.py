@@ -1,0 +1,1 @@
+"""fused_adamw: fused decoupled-weight-decay optimizers for PyTorch."""
