@@ -1,0 +1,446 @@
+// cpu_module.cpp: the pybind11 module fused_adamw._cpu, the C++ CPU backend's
+// entry points (python/fused_adamw/backend_cpu.py is its Python side).
+//
+//   adam_step(table_addr, n_tensors, param_dtype, state_dtype, hyper,
+//             grad_scale_addr, found_inf_addr, num_threads)
+//   sgd_step(...same, with an SgdHyper and the SGD table...)
+//   set_isa(name), isa(), build_info()
+//   AdamHyper, SgdHyper: the structs of csrc/include/fused_adamw/update.h
+//
+// Tables and dtype codes follow ../shared/DESIGN.md, "Native interface" (the
+// columns are in csrc/cpu/cpu_common.h). This translation unit is compiled
+// once, for the baseline instruction set, with FUSED_ADAMW_HAVE_<ISA>=1 for
+// each kernel copy CMakeLists.txt built; it does the per-call work that is
+// independent of the instruction set (checks, found_inf, grad_scale, step
+// increments, scalar resolution, the work plan) and hands the rest to the
+// copy chosen at import time: the best the processor supports, or the one
+// named by FUSED_ADAMW_CPU_ISA (base, avx2, avx512, auto), or by set_isa().
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include "cpu_common.h"
+
+namespace py = pybind11;
+
+namespace fused_adamw {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------- instruction sets
+
+using AdamKernel = void (*)(const AdamWork&);
+using SgdKernel = void (*)(const SgdWork&);
+
+struct IsaKernels {
+  const char* name;
+  AdamKernel adam;
+  SgdKernel sgd;
+  bool (*supported)();
+};
+
+bool always() { return true; }
+
+#if defined(__x86_64__) || defined(_M_X64)
+// __builtin_cpu_supports also checks that the OS saves the AVX / AVX-512
+// register state.
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool has_avx512() {
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+#endif
+
+// The copies this build holds, slowest first.
+const IsaKernels kIsas[] = {
+#if FUSED_ADAMW_HAVE_BASE
+    {"base", base::adam_step, base::sgd_step, always},
+#endif
+#if FUSED_ADAMW_HAVE_AVX2
+    {"avx2", avx2::adam_step, avx2::sgd_step, has_avx2},
+#endif
+#if FUSED_ADAMW_HAVE_AVX512
+    {"avx512", avx512::adam_step, avx512::sgd_step, has_avx512},
+#endif
+};
+
+std::atomic<const IsaKernels*> g_isa{nullptr};
+
+std::string isa_names(bool supported_only) {
+  std::string out;
+  for (const IsaKernels& k : kIsas) {
+    if (supported_only && !k.supported()) continue;
+    out += out.empty() ? "" : ", ";
+    out += k.name;
+  }
+  return out;
+}
+
+const IsaKernels* best_isa() {
+  const IsaKernels* best = nullptr;
+  for (const IsaKernels& k : kIsas) {
+    if (k.supported()) best = &k;
+  }
+  return best;
+}
+
+// The copy called `name` ("auto": the best supported), or a ValueError.
+const IsaKernels* find_isa(const std::string& name) {
+  if (name == "auto") return best_isa();
+  for (const IsaKernels& k : kIsas) {
+    if (name != k.name) continue;
+    if (!k.supported()) {
+      throw py::value_error("CPU instruction set '" + name + "' was built but this processor lacks it; supported: " +
+                            isa_names(true));
+    }
+    return &k;
+  }
+  throw py::value_error("unknown CPU instruction set '" + name + "'; built: " + isa_names(false) + " (or 'auto')");
+}
+
+// ---------------------------------------------------------------- argument checks
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::kFloat32:
+      return "float32";
+    case DType::kFloat64:
+      return "float64";
+    case DType::kFloat16:
+      return "float16";
+    case DType::kBFloat16:
+      return "bfloat16";
+  }
+  return "?";
+}
+
+DType to_dtype(int64_t code, const char* arg) {
+  switch (code) {
+    case static_cast<int64_t>(DType::kFloat32):
+    case static_cast<int64_t>(DType::kFloat64):
+    case static_cast<int64_t>(DType::kFloat16):
+    case static_cast<int64_t>(DType::kBFloat16):
+      return static_cast<DType>(code);
+    default:
+      throw py::value_error(std::string(arg) + "=" + std::to_string(code) +
+                            " is not a dtype code (float32=0, float64=1, float16=2, bfloat16=3)");
+  }
+}
+
+struct Common {
+  const int64_t* table;
+  int64_t n_tensors;
+  DType param_dtype;
+  DType state_dtype;
+  int num_threads;
+};
+
+// The checks both optimizers share; the table rows are checked by the callers.
+Common check_common(uintptr_t table_addr, int64_t n_tensors, int64_t param_code, int64_t state_code,
+                    int64_t num_threads) {
+  Common c;
+  if (n_tensors < 0) throw py::value_error("n_tensors must be >= 0, got " + std::to_string(n_tensors));
+  if (table_addr == 0 && n_tensors > 0) throw py::value_error("table_addr is 0 (a null address table)");
+  c.table = reinterpret_cast<const int64_t*>(table_addr);
+  c.n_tensors = n_tensors;
+  c.param_dtype = to_dtype(param_code, "param_dtype");
+  c.state_dtype = to_dtype(state_code, "state_dtype");
+  const bool low = c.param_dtype == DType::kFloat16 || c.param_dtype == DType::kBFloat16;
+  if (c.state_dtype != c.param_dtype && !(low && c.state_dtype == DType::kFloat32)) {
+    throw py::value_error(std::string("state_dtype=") + dtype_name(c.state_dtype) + " is not allowed for " +
+                          dtype_name(c.param_dtype) +
+                          " params (the param dtype, or float32 for float16/bfloat16 params)");
+  }
+  if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+  c.num_threads = static_cast<int>(std::min<int64_t>(num_threads, 1 << 16));
+  return c;
+}
+
+[[noreturn]] void bad_row(int64_t row, const std::string& what) {
+  throw py::value_error("address table row " + std::to_string(row) + ": " + what);
+}
+
+void check_address(int64_t row, int64_t value, const char* column) {
+  if (value == 0) bad_row(row, std::string(column) + " address is 0");
+}
+
+void check_adam_rows(const Common& c, const AdamHyper& h) {
+  for (int64_t t = 0; t < c.n_tensors; ++t) {
+    const int64_t* r = c.table + t * kAdamCols;
+    if (r[kAdamNumel] < 0) bad_row(t, "numel " + std::to_string(r[kAdamNumel]) + " < 0");
+    check_address(t, r[kAdamStep], "step");
+    if (r[kAdamNumel] == 0) continue;
+    check_address(t, r[kAdamParam], "param");
+    check_address(t, r[kAdamGrad], "grad");
+    check_address(t, r[kAdamExpAvg], "exp_avg");
+    check_address(t, r[kAdamExpAvgSq], "exp_avg_sq");
+    if (h.amsgrad) check_address(t, r[kAdamMaxExpAvgSq], "max_exp_avg_sq (hyper.amsgrad is set)");
+  }
+}
+
+void check_sgd_rows(const Common& c, const SgdHyper& h) {
+  for (int64_t t = 0; t < c.n_tensors; ++t) {
+    const int64_t* r = c.table + t * kSgdCols;
+    if (r[kSgdNumel] < 0) bad_row(t, "numel " + std::to_string(r[kSgdNumel]) + " < 0");
+    if (r[kSgdNumel] == 0) continue;
+    check_address(t, r[kSgdParam], "param");
+    check_address(t, r[kSgdGrad], "grad");
+    if (h.momentum != 0.) check_address(t, r[kSgdMomentumBuffer], "momentum_buffer (hyper.momentum != 0)");
+  }
+}
+
+// Reads the float32 scalar at addr, or `none` when addr is 0.
+float read_scalar(uintptr_t addr, float none) { return addr ? *reinterpret_cast<const float*>(addr) : none; }
+
+// ---------------------------------------------------------------- the work plan
+
+// Cuts the concatenation of all tensors into units of kUnitElems elements
+// (the last one shorter); a unit is a list of segments, a tensor is split
+// wherever a unit ends. Equal units keep the dynamic schedule balanced
+// whatever the mix of tensor sizes: 20000 tensors of 1024 make 625 units,
+// not 20000 tiny ones.
+struct Plan {
+  std::vector<Segment> segments;
+  std::vector<int64_t> unit_first;
+  int64_t n_units() const { return static_cast<int64_t>(unit_first.size()) - 1; }
+};
+
+Plan make_plan(const int64_t* table, int64_t cols, int64_t n_tensors) {
+  Plan plan;
+  int64_t total = 0;
+  for (int64_t t = 0; t < n_tensors; ++t) total += table[t * cols];
+  plan.segments.reserve(static_cast<size_t>(n_tensors + total / kUnitElems + 1));
+  plan.unit_first.reserve(static_cast<size_t>(total / kUnitElems + 2));
+  plan.unit_first.push_back(0);
+  int64_t fill = 0;  // elements in the open unit
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t numel = table[t * cols];
+    for (int64_t b = 0; b < numel;) {
+      const int64_t len = std::min(kUnitElems - fill, numel - b);
+      plan.segments.push_back(Segment{t, b, b + len});
+      b += len;
+      fill += len;
+      if (fill == kUnitElems) {
+        plan.unit_first.push_back(static_cast<int64_t>(plan.segments.size()));
+        fill = 0;
+      }
+    }
+  }
+  if (fill > 0) plan.unit_first.push_back(static_cast<int64_t>(plan.segments.size()));
+  return plan;
+}
+
+int threads_for(const Common& c, const Plan& plan) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(c.num_threads, plan.n_units())));
+}
+
+// ---------------------------------------------------------------- steps
+
+// Adds 1 to every tensor's step and resolves its scalars from the new count.
+// Tensors usually share a count, so a run of equal steps resolves once.
+template <typename M>
+std::vector<AdamScalars<M>> step_and_resolve(const Common& c, const AdamHyper& h) {
+  std::vector<AdamScalars<M>> out(static_cast<size_t>(c.n_tensors));
+  bool have = false;
+  float last_step = 0.f;
+  AdamScalars<M> last{};
+  for (int64_t t = 0; t < c.n_tensors; ++t) {
+    float* step = reinterpret_cast<float*>(static_cast<uintptr_t>(c.table[t * kAdamCols + kAdamStep]));
+    *step += 1.f;  // float32 arithmetic, as torch keeps the step
+    if (!have || *step != last_step) {
+      last = resolve_adam<M>(h, h.lr, static_cast<double>(*step));
+      last_step = *step;
+      have = true;
+    }
+    out[static_cast<size_t>(t)] = last;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- entry points
+
+void adam_step(uintptr_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
+               const AdamHyper& hyper, uintptr_t grad_scale_addr, uintptr_t found_inf_addr, int64_t num_threads) {
+  const Common c = check_common(table_addr, n_tensors, param_dtype, state_dtype, num_threads);
+  check_adam_rows(c, hyper);
+  const IsaKernels* isa = g_isa.load();
+  py::gil_scoped_release nogil;
+  if (read_scalar(found_inf_addr, 0.f) != 0.f) return;  // nothing is written, not even the steps
+  const Plan plan = make_plan(c.table, kAdamCols, c.n_tensors);
+  std::vector<AdamScalars<float>> scalars_f;
+  std::vector<AdamScalars<double>> scalars_d;
+  if (c.param_dtype == DType::kFloat64) {
+    scalars_d = step_and_resolve<double>(c, hyper);
+  } else {
+    scalars_f = step_and_resolve<float>(c, hyper);
+  }
+  if (plan.n_units() == 0) return;
+  AdamWork w;
+  w.table = c.table;
+  w.param_dtype = c.param_dtype;
+  w.state_dtype = c.state_dtype;
+  w.amsgrad = hyper.amsgrad;
+  w.segments = plan.segments.data();
+  w.unit_first = plan.unit_first.data();
+  w.n_units = plan.n_units();
+  w.scalars_f = scalars_f.data();
+  w.scalars_d = scalars_d.data();
+  w.grad_scale = read_scalar(grad_scale_addr, 1.f);
+  w.num_threads = threads_for(c, plan);
+  isa->adam(w);
+}
+
+void sgd_step(uintptr_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
+              const SgdHyper& hyper, uintptr_t grad_scale_addr, uintptr_t found_inf_addr, int64_t num_threads) {
+  const Common c = check_common(table_addr, n_tensors, param_dtype, state_dtype, num_threads);
+  check_sgd_rows(c, hyper);
+  const IsaKernels* isa = g_isa.load();
+  py::gil_scoped_release nogil;
+  if (read_scalar(found_inf_addr, 0.f) != 0.f) return;
+  const Plan plan = make_plan(c.table, kSgdCols, c.n_tensors);
+  if (plan.n_units() == 0) return;
+  SgdWork w;
+  w.table = c.table;
+  w.param_dtype = c.param_dtype;
+  w.state_dtype = c.state_dtype;
+  w.segments = plan.segments.data();
+  w.unit_first = plan.unit_first.data();
+  w.n_units = plan.n_units();
+  w.scalars_f = resolve_sgd<float>(hyper, hyper.lr);
+  w.scalars_d = resolve_sgd<double>(hyper, hyper.lr);
+  w.grad_scale = read_scalar(grad_scale_addr, 1.f);
+  w.num_threads = threads_for(c, plan);
+  isa->sgd(w);
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["isa"] = g_isa.load()->name;
+  py::list built, supported;
+  for (const IsaKernels& k : kIsas) {
+    built.append(k.name);
+    if (k.supported()) supported.append(k.name);
+  }
+  d["isas_built"] = built;
+  d["isas_supported"] = supported;
+#if defined(_OPENMP)
+  d["openmp"] = _OPENMP;
+#else
+  d["openmp"] = py::none();
+#endif
+  d["omp_max_threads"] = omp_get_max_threads();
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+  d["unit_elems"] = kUnitElems;
+  return d;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fused_adamw
+
+PYBIND11_MODULE(_cpu, m) {
+  using namespace fused_adamw;
+  namespace fc = fused_adamw::cpu;
+  m.doc() = "fused_adamw C++ CPU kernels (OpenMP over all tensors of a call, SIMD inner loop)";
+
+  const char* env = std::getenv("FUSED_ADAMW_CPU_ISA");
+  try {
+    fc::g_isa.store(fc::find_isa(env && *env ? env : "auto"));
+  } catch (const py::value_error& e) {
+    throw py::import_error(std::string("FUSED_ADAMW_CPU_ISA: ") + e.what());
+  }
+
+  const AdamHyper ad;
+  // module_local: _cuda binds the same C++ struct, and pybind11 refuses a
+  // second global registration of one type.
+  py::class_<AdamHyper>(m, "AdamHyper", py::module_local(), "Adam/AdamW hyperparameters of one step (update.h)")
+      .def(py::init([](double lr, double beta1, double beta2, double eps, double weight_decay, double decay_coeff,
+                       bool decoupled, bool amsgrad, bool maximize) {
+             return AdamHyper{lr, beta1, beta2, eps, weight_decay, decay_coeff, decoupled, amsgrad, maximize};
+           }),
+           py::kw_only(), py::arg("lr") = ad.lr, py::arg("beta1") = ad.beta1, py::arg("beta2") = ad.beta2,
+           py::arg("eps") = ad.eps, py::arg("weight_decay") = ad.weight_decay,
+           py::arg("decay_coeff") = ad.decay_coeff, py::arg("decoupled") = ad.decoupled,
+           py::arg("amsgrad") = ad.amsgrad, py::arg("maximize") = ad.maximize)
+      .def_readwrite("lr", &AdamHyper::lr)
+      .def_readwrite("beta1", &AdamHyper::beta1)
+      .def_readwrite("beta2", &AdamHyper::beta2)
+      .def_readwrite("eps", &AdamHyper::eps)
+      .def_readwrite("weight_decay", &AdamHyper::weight_decay)
+      .def_readwrite("decay_coeff", &AdamHyper::decay_coeff)
+      .def_readwrite("decoupled", &AdamHyper::decoupled)
+      .def_readwrite("amsgrad", &AdamHyper::amsgrad)
+      .def_readwrite("maximize", &AdamHyper::maximize)
+      .def("__repr__", [](const AdamHyper& h) {
+        return "AdamHyper(lr=" + py::repr(py::float_(h.lr)).cast<std::string>() +
+               ", beta1=" + py::repr(py::float_(h.beta1)).cast<std::string>() +
+               ", beta2=" + py::repr(py::float_(h.beta2)).cast<std::string>() +
+               ", eps=" + py::repr(py::float_(h.eps)).cast<std::string>() +
+               ", weight_decay=" + py::repr(py::float_(h.weight_decay)).cast<std::string>() +
+               ", decay_coeff=" + py::repr(py::float_(h.decay_coeff)).cast<std::string>() +
+               ", decoupled=" + (h.decoupled ? "True" : "False") + ", amsgrad=" + (h.amsgrad ? "True" : "False") +
+               ", maximize=" + (h.maximize ? "True" : "False") + ")";
+      });
+
+  const SgdHyper sd;
+  py::class_<SgdHyper>(m, "SgdHyper", py::module_local(), "SGD/SGDW hyperparameters of one step (update.h)")
+      .def(py::init([](double lr, double momentum, double dampening, double weight_decay, double decay_coeff,
+                       bool decoupled, bool nesterov, bool maximize) {
+             return SgdHyper{lr, momentum, dampening, weight_decay, decay_coeff, decoupled, nesterov, maximize};
+           }),
+           py::kw_only(), py::arg("lr") = sd.lr, py::arg("momentum") = sd.momentum,
+           py::arg("dampening") = sd.dampening, py::arg("weight_decay") = sd.weight_decay,
+           py::arg("decay_coeff") = sd.decay_coeff, py::arg("decoupled") = sd.decoupled,
+           py::arg("nesterov") = sd.nesterov, py::arg("maximize") = sd.maximize)
+      .def_readwrite("lr", &SgdHyper::lr)
+      .def_readwrite("momentum", &SgdHyper::momentum)
+      .def_readwrite("dampening", &SgdHyper::dampening)
+      .def_readwrite("weight_decay", &SgdHyper::weight_decay)
+      .def_readwrite("decay_coeff", &SgdHyper::decay_coeff)
+      .def_readwrite("decoupled", &SgdHyper::decoupled)
+      .def_readwrite("nesterov", &SgdHyper::nesterov)
+      .def_readwrite("maximize", &SgdHyper::maximize)
+      .def("__repr__", [](const SgdHyper& h) {
+        return "SgdHyper(lr=" + py::repr(py::float_(h.lr)).cast<std::string>() +
+               ", momentum=" + py::repr(py::float_(h.momentum)).cast<std::string>() +
+               ", dampening=" + py::repr(py::float_(h.dampening)).cast<std::string>() +
+               ", weight_decay=" + py::repr(py::float_(h.weight_decay)).cast<std::string>() +
+               ", decay_coeff=" + py::repr(py::float_(h.decay_coeff)).cast<std::string>() +
+               ", decoupled=" + (h.decoupled ? "True" : "False") + ", nesterov=" + (h.nesterov ? "True" : "False") +
+               ", maximize=" + (h.maximize ? "True" : "False") + ")";
+      });
+
+  m.def("adam_step", &fc::adam_step, py::arg("table_addr"), py::arg("n_tensors"), py::arg("param_dtype"),
+        py::arg("state_dtype"), py::arg("hyper"), py::arg("grad_scale_addr"), py::arg("found_inf_addr"),
+        py::arg("num_threads"),
+        "One Adam/AdamW step over every tensor of an int64 [n_tensors, 7] address table "
+        "(numel, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step). Increments each float32 step "
+        "and uses its new value for that tensor's bias corrections. grad_scale_addr / found_inf_addr: "
+        "a float32 scalar or 0; found_inf != 0 writes nothing. Releases the GIL.");
+  m.def("sgd_step", &fc::sgd_step, py::arg("table_addr"), py::arg("n_tensors"), py::arg("param_dtype"),
+        py::arg("state_dtype"), py::arg("hyper"), py::arg("grad_scale_addr"), py::arg("found_inf_addr"),
+        py::arg("num_threads"),
+        "One SGD/SGDW step over every tensor of an int64 [n_tensors, 5] address table "
+        "(numel, param, grad, momentum_buffer, first_step). Releases the GIL.");
+  m.def(
+      "set_isa", [](const std::string& name) { fc::g_isa.store(fc::find_isa(name)); }, py::arg("name"),
+      "Use the kernel copy for instruction set `name` (base, avx2, avx512; auto: the best supported).");
+  m.def(
+      "isa", [] { return std::string(fc::g_isa.load()->name); }, "The instruction set of the kernels in use.");
+  m.def("build_info", &fc::build_info,
+        "isa in use, isas built and supported here, OpenMP version, compiler, work-unit size.");
+}
