@@ -1,0 +1,305 @@
+// cuda_module.cu: the pybind11 module fused_adamw._cuda.
+//
+// The native interface of ../shared/DESIGN.md: raw addresses (Python ints) of
+// a HOST int64 address table, dtype codes, a hyperparameter struct, a device
+// index and a stream handle; no torch. python/fused_adamw/backend_cuda.py is
+// its caller. Module contents:
+//   AdamHyper, SgdHyper       the structs of csrc/include/fused_adamw/update.h
+//   Workspace(device_index)   device memory holding a group's plan across steps
+//   adam_step(...), sgd_step(...)
+//   plan_chunks, plan_table   the host-side planning, for tests without a GPU
+//   build_info(), device_count()
+//
+// Argument errors raise ValueError (std::invalid_argument) naming the
+// argument, before any CUDA call; CUDA errors raise RuntimeError with CUDA's
+// message. cudart is linked statically (CMakeLists.txt), so the module imports
+// where there is no GPU or CUDA runtime library.
+//
+// Built by CMakeLists.txt ("_cuda").
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "multi_tensor.cuh"
+
+namespace py = pybind11;
+
+namespace fused_adamw {
+namespace cuda {
+namespace {
+
+// The workspace of calls that pass none: one per device, for the life of the
+// process (leaked on purpose: freeing it after the CUDA runtime has unloaded
+// at exit would fail). Correct for any caller, but it re-uploads whenever
+// calls alternate between tables; the backend passes its own.
+Workspace& default_workspace(int device) {
+  static std::map<int, Workspace*> spaces;
+  auto it = spaces.find(device);
+  if (it == spaces.end()) it = spaces.emplace(device, new Workspace(device)).first;
+  return *it->second;
+}
+
+cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+template <typename T>
+const T* as_device_scalar(int64_t addr) {
+  return reinterpret_cast<const T*>(static_cast<uintptr_t>(addr));
+}
+
+struct CallArgs {
+  const int64_t* table;
+  Workspace* workspace;
+};
+
+// Checks the arguments every call shares; nullptr table when there is
+// nothing to do.
+CallArgs check_call(int64_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
+                    int64_t device_index, Workspace* workspace) {
+  check_dtypes(param_dtype, state_dtype);
+  if (n_tensors < 0) throw std::invalid_argument("n_tensors must be >= 0, got " + std::to_string(n_tensors));
+  if (n_tensors > 0 && table_addr == 0) throw std::invalid_argument("table_addr is 0 with n_tensors > 0");
+  if (device_index < 0 || device_index > INT32_MAX)
+    throw std::invalid_argument("device_index must be a CUDA device index, got " + std::to_string(device_index));
+  if (workspace != nullptr && workspace->device() != device_index)
+    throw std::invalid_argument("workspace belongs to device " + std::to_string(workspace->device()) +
+                                ", the call is for device " + std::to_string(device_index));
+  CallArgs out;
+  out.table = n_tensors > 0 ? reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(table_addr)) : nullptr;
+  out.workspace = workspace != nullptr ? workspace : &default_workspace(static_cast<int>(device_index));
+  return out;
+}
+
+template <typename Hyper>
+void run_step(Algorithm algo, int64_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
+              const Hyper& hyper, bool third_state, int64_t grad_scale_addr, int64_t found_inf_addr,
+              int64_t lr_addr, int64_t device_index, uintptr_t stream_handle, Workspace* workspace) {
+  const CallArgs call = check_call(table_addr, n_tensors, param_dtype, state_dtype, device_index, workspace);
+  if (call.table == nullptr) return;
+  const StepScalars scalars{as_device_scalar<float>(lr_addr), as_device_scalar<float>(grad_scale_addr),
+                            as_device_scalar<float>(found_inf_addr)};
+  const cudaStream_t stream = as_stream(stream_handle);
+  DeviceGuard guard(static_cast<int>(device_index));
+  Workspace& ws = *call.workspace;
+  const DeviceTables tables = ws.prepare(algo, call.table, n_tensors, third_state, stream);
+  try {
+    if constexpr (std::is_same_v<Hyper, AdamHyper>)
+      launch_adam(static_cast<DType>(param_dtype), static_cast<DType>(state_dtype), tables, hyper, scalars, stream);
+    else
+      launch_sgd(static_cast<DType>(param_dtype), static_cast<DType>(state_dtype), tables, hyper, scalars, stream);
+  } catch (...) {
+    ws.finish(stream);  // the upload was enqueued: later calls must still order after it
+    throw;
+  }
+  ws.finish(stream);
+}
+
+void adam_step(int64_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
+               const AdamHyper& hyper, int64_t grad_scale_addr, int64_t found_inf_addr, int64_t lr_addr,
+               int64_t device_index, uintptr_t stream, Workspace* workspace) {
+  run_step(Algorithm::kAdam, table_addr, n_tensors, param_dtype, state_dtype, hyper, hyper.amsgrad,
+           grad_scale_addr, found_inf_addr, lr_addr, device_index, stream, workspace);
+}
+
+void sgd_step(int64_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
+              const SgdHyper& hyper, int64_t grad_scale_addr, int64_t found_inf_addr, int64_t lr_addr,
+              int64_t device_index, uintptr_t stream, Workspace* workspace) {
+  run_step(Algorithm::kSgd, table_addr, n_tensors, param_dtype, state_dtype, hyper, hyper.momentum != 0.,
+           grad_scale_addr, found_inf_addr, lr_addr, device_index, stream, workspace);
+}
+
+// The chunk plan as Python lists: tensor index, first and one-past-last
+// element of every chunk, and the launch's block count.
+py::dict chunks_dict(const std::vector<ChunkRecord>& chunks, const std::vector<int64_t>& numels,
+                     int64_t chunk_elems) {
+  py::list tensor, start, end;
+  for (const ChunkRecord& c : chunks) {
+    const int64_t b = static_cast<int64_t>(c.index) * chunk_elems;
+    const int64_t n = numels[c.tensor];
+    tensor.append(static_cast<int64_t>(c.tensor));
+    start.append(b);
+    end.append(b + chunk_elems < n ? b + chunk_elems : n);
+  }
+  py::dict out;
+  out["tensor"] = tensor;
+  out["start"] = start;
+  out["end"] = end;
+  out["blocks"] = launch_blocks(static_cast<int64_t>(chunks.size()));
+  return out;
+}
+
+py::dict plan_chunks_py(const std::vector<int64_t>& numels, int64_t chunk_elems) {
+  return chunks_dict(plan_chunks(numels, chunk_elems), numels, chunk_elems);
+}
+
+py::dict plan_table_py(Algorithm algo, int64_t table_addr, int64_t n_tensors, bool third_state) {
+  const auto* table = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(table_addr));
+  const HostPlan plan = plan_table(algo, table, n_tensors, third_state);
+  std::vector<int64_t> numels;
+  py::list vector, first_step;
+  for (const TensorRecord& r : plan.records) {
+    numels.push_back(r.numel);
+    vector.append((r.flags & kVectorAligned) != 0);
+    first_step.append((r.flags & kFirstStep) != 0);
+  }
+  py::dict out = chunks_dict(plan.chunks, numels, kChunkElems);
+  out["vector"] = vector;
+  out["first_step"] = first_step;
+  return out;
+}
+
+int device_count() {
+  int n = 0;
+  // No driver or no GPU: zero devices, not an error. Clear the error the
+  // runtime keeps so that it does not surface from a later call.
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["archs"] = std::string(FUSED_ADAMW_CUDA_ARCHS);
+  d["nvcc"] = std::string(FUSED_ADAMW_CUDA_VERSION);
+  d["cudart"] = CUDART_VERSION;
+  d["cudart_static"] = true;
+  d["metadata"] = std::string(
+      "device-resident table (64-byte tensor records + 8-byte chunk records), cached per workspace, "
+      "uploaded through 32 KB kernel-parameter blobs when the host table changes");
+  d["step_increment"] = std::string("last block of the grid (atomic ticket)");
+  d["chunk_elems"] = kChunkElems;
+  d["block_threads"] = kBlockThreads;
+  d["pack_bytes"] = kPackBytes;
+  return d;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fused_adamw
+
+PYBIND11_MODULE(_cuda, m) {
+  namespace fc = fused_adamw::cuda;
+  using fused_adamw::AdamHyper;
+  using fused_adamw::SgdHyper;
+  m.doc() = "fused_adamw CUDA kernels (see python/fused_adamw/backend_cuda.py)";
+
+  const AdamHyper ad;
+  // module_local: _cpu binds the same C++ struct, and pybind11 refuses a
+  // second global registration of one type.
+  py::class_<AdamHyper>(m, "AdamHyper", py::module_local(), "Adam/AdamW hyperparameters of one step (update.h)")
+      .def(py::init([](double lr, double beta1, double beta2, double eps, double weight_decay, double decay_coeff,
+                       bool decoupled, bool amsgrad, bool maximize) {
+             AdamHyper h;
+             h.lr = lr;
+             h.beta1 = beta1;
+             h.beta2 = beta2;
+             h.eps = eps;
+             h.weight_decay = weight_decay;
+             h.decay_coeff = decay_coeff;
+             h.decoupled = decoupled;
+             h.amsgrad = amsgrad;
+             h.maximize = maximize;
+             return h;
+           }),
+           py::kw_only(), py::arg("lr") = ad.lr, py::arg("beta1") = ad.beta1, py::arg("beta2") = ad.beta2,
+           py::arg("eps") = ad.eps, py::arg("weight_decay") = ad.weight_decay,
+           py::arg("decay_coeff") = ad.decay_coeff, py::arg("decoupled") = ad.decoupled,
+           py::arg("amsgrad") = ad.amsgrad, py::arg("maximize") = ad.maximize)
+      .def_readwrite("lr", &AdamHyper::lr)
+      .def_readwrite("beta1", &AdamHyper::beta1)
+      .def_readwrite("beta2", &AdamHyper::beta2)
+      .def_readwrite("eps", &AdamHyper::eps)
+      .def_readwrite("weight_decay", &AdamHyper::weight_decay)
+      .def_readwrite("decay_coeff", &AdamHyper::decay_coeff)
+      .def_readwrite("decoupled", &AdamHyper::decoupled)
+      .def_readwrite("amsgrad", &AdamHyper::amsgrad)
+      .def_readwrite("maximize", &AdamHyper::maximize);
+
+  const SgdHyper sd;
+  py::class_<SgdHyper>(m, "SgdHyper", py::module_local(), "SGD/SGDW hyperparameters of one step (update.h)")
+      .def(py::init([](double lr, double momentum, double dampening, double weight_decay, double decay_coeff,
+                       bool decoupled, bool nesterov, bool maximize) {
+             SgdHyper h;
+             h.lr = lr;
+             h.momentum = momentum;
+             h.dampening = dampening;
+             h.weight_decay = weight_decay;
+             h.decay_coeff = decay_coeff;
+             h.decoupled = decoupled;
+             h.nesterov = nesterov;
+             h.maximize = maximize;
+             return h;
+           }),
+           py::kw_only(), py::arg("lr") = sd.lr, py::arg("momentum") = sd.momentum,
+           py::arg("dampening") = sd.dampening, py::arg("weight_decay") = sd.weight_decay,
+           py::arg("decay_coeff") = sd.decay_coeff, py::arg("decoupled") = sd.decoupled,
+           py::arg("nesterov") = sd.nesterov, py::arg("maximize") = sd.maximize)
+      .def_readwrite("lr", &SgdHyper::lr)
+      .def_readwrite("momentum", &SgdHyper::momentum)
+      .def_readwrite("dampening", &SgdHyper::dampening)
+      .def_readwrite("weight_decay", &SgdHyper::weight_decay)
+      .def_readwrite("decay_coeff", &SgdHyper::decay_coeff)
+      .def_readwrite("decoupled", &SgdHyper::decoupled)
+      .def_readwrite("nesterov", &SgdHyper::nesterov)
+      .def_readwrite("maximize", &SgdHyper::maximize);
+
+  py::class_<fc::Workspace>(m, "Workspace",
+                            "Device memory holding one (device, dtype) group's tables across steps. Creating one "
+                            "touches no GPU; its memory is allocated by the first step and freed with it.")
+      .def(py::init<int>(), py::arg("device_index"))
+      .def_property_readonly("device", &fc::Workspace::device)
+      .def_property_readonly("uploads", &fc::Workspace::uploads, "how many times the tables were uploaded")
+      .def_property_readonly("capacity_bytes", &fc::Workspace::capacity_bytes)
+      .def_property_readonly("graph_owned", &fc::Workspace::graph_owned,
+                             "True once a step ran under CUDA-graph capture");
+
+  // pybind11 keeps the docstring pointers: the strings must outlive the module's init.
+  static const std::string common_args =
+      " grad_scale_addr / found_inf_addr / lr_addr: the device address of a float32 scalar, or 0 for none "
+      "(lr_addr 0: hyper.lr is used); found_inf != 0 writes nothing. Runs on `stream` (a cudaStream_t as an "
+      "int) on device `device_index`; no host sync. workspace: a Workspace of that device kept across steps "
+      "(None: a per-device default).";
+  static const std::string adam_doc =
+      "One Adam/AdamW step over every tensor of a host int64 [n_tensors, 7] address table (numel, param, grad, "
+      "exp_avg, exp_avg_sq, max_exp_avg_sq, step) in one launch. Adds 1 to each float32 step on the device and "
+      "uses the new value for that tensor's bias corrections." + common_args;
+  static const std::string sgd_doc =
+      "One SGD/SGDW step over every tensor of a host int64 [n_tensors, 5] address table (numel, param, grad, "
+      "momentum_buffer, first_step) in one launch." + common_args;
+  m.def("adam_step", &fc::adam_step, py::arg("table_addr"), py::arg("n_tensors"), py::arg("param_dtype"),
+        py::arg("state_dtype"), py::arg("hyper"), py::arg("grad_scale_addr"), py::arg("found_inf_addr"),
+        py::arg("lr_addr"), py::arg("device_index"), py::arg("stream"), py::arg("workspace") = nullptr,
+        adam_doc.c_str());
+  m.def("sgd_step", &fc::sgd_step, py::arg("table_addr"), py::arg("n_tensors"), py::arg("param_dtype"),
+        py::arg("state_dtype"), py::arg("hyper"), py::arg("grad_scale_addr"), py::arg("found_inf_addr"),
+        py::arg("lr_addr"), py::arg("device_index"), py::arg("stream"), py::arg("workspace") = nullptr,
+        sgd_doc.c_str());
+
+  m.def("plan_chunks", &fc::plan_chunks_py, py::arg("numels"), py::arg("chunk_elems") = fc::kChunkElems,
+        "The chunk plan of tensors of these sizes: dict of lists tensor/start/end per chunk, and blocks.");
+  m.def(
+      "plan_table",
+      [](int64_t table_addr, int64_t n_tensors, const AdamHyper& h) {
+        return fc::plan_table_py(fc::Algorithm::kAdam, table_addr, n_tensors, h.amsgrad);
+      },
+      py::arg("table_addr"), py::arg("n_tensors"), py::arg("hyper"));
+  m.def(
+      "plan_table",
+      [](int64_t table_addr, int64_t n_tensors, const SgdHyper& h) {
+        return fc::plan_table_py(fc::Algorithm::kSgd, table_addr, n_tensors, h.momentum != 0.);
+      },
+      py::arg("table_addr"), py::arg("n_tensors"), py::arg("hyper"),
+      "What a step would launch for a host address table, without touching the GPU: the chunk plan "
+      "(tensor/start/end, blocks) and per tensor whether the 16-byte path is taken (vector) and first_step. "
+      "Validates the table as a step does.");
+  m.def("build_info", &fc::build_info, "archs, nvcc version, metadata scheme, chunk and block sizes.");
+  m.def("device_count", &fc::device_count, "CUDA devices visible (0 without a driver or GPU).");
+  m.attr("CHUNK_ELEMS") = fc::kChunkElems;
+}

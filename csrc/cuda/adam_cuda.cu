@@ -1,0 +1,134 @@
+// adam_cuda.cu: the Adam / AdamW kernel of fused_adamw._cuda and its launcher.
+//
+// Follows Loshchilov & Hutter, Algorithm 2 (Adam with L2, line 6, or with
+// decoupled weight decay, line 12) in torch.optim's parameterisation; the
+// per-element math is resolve_adam() / adam_update() of
+// csrc/include/fused_adamw/update.h and is not restated here. This file only
+// loads, converts to the math type (fp32; fp64 for fp64 params), calls the
+// shared update, converts back and stores.
+//
+// One launch per (device, dtype) group and step: one block per 64K-element
+// chunk of any tensor of the group (multi_tensor.cuh). Each block computes its
+// tensor's bias corrections from the step on the device (old step + 1) and
+// the learning rate (on the device when capturable), so a step makes no host
+// sync; the grid's last block increments the steps.
+//
+// Built into fused_adamw._cuda by CMakeLists.txt.
+#include "multi_tensor.cuh"
+
+#include <stdexcept>
+
+namespace fused_adamw {
+namespace cuda {
+
+namespace {
+
+template <typename P, typename S, bool kAmsgrad, typename M>
+__device__ __forceinline__ void adam_chunk(const TensorRecord& r, int64_t begin, int64_t end, M grad_scale,
+                                           const AdamScalars<M>& s) {
+  P* __restrict__ param = global_ptr<P>(r.ptr[kSlotParam]);
+  const P* __restrict__ grad = global_ptr<const P>(r.ptr[kSlotGrad]);
+  S* __restrict__ exp_avg = global_ptr<S>(r.ptr[kSlotState0]);
+  S* __restrict__ exp_avg_sq = global_ptr<S>(r.ptr[kSlotState1]);
+  S* __restrict__ max_exp_avg_sq = kAmsgrad ? global_ptr<S>(r.ptr[kSlotState2]) : nullptr;  // null without amsgrad
+
+  int64_t scalar_begin = begin;
+  if (r.flags & kVectorAligned) {
+    constexpr int W = kPackBytes / static_cast<int>(sizeof(P));
+    const int64_t packs = (end - begin) / W;
+    for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) {
+      const int64_t at = begin + k * W;
+      P p[W], g[W];
+      S m[W], v[W], vmax[W];
+      load_pack<W>(param + at, p);
+      load_pack<W>(grad + at, g);
+      load_pack<W>(exp_avg + at, m);
+      load_pack<W>(exp_avg_sq + at, v);
+      if (kAmsgrad) load_pack<W>(max_exp_avg_sq + at, vmax);
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        M pm = Storage<P>::template load<M>(p[e]);
+        M mm = Storage<S>::template load<M>(m[e]);
+        M vm = Storage<S>::template load<M>(v[e]);
+        M xm = kAmsgrad ? Storage<S>::template load<M>(vmax[e]) : M(0);
+        adam_update<M>(pm, Storage<P>::template load<M>(g[e]), mm, vm, xm, grad_scale, s);
+        p[e] = Storage<P>::template store<M>(pm);
+        m[e] = Storage<S>::template store<M>(mm);
+        v[e] = Storage<S>::template store<M>(vm);
+        if (kAmsgrad) vmax[e] = Storage<S>::template store<M>(xm);
+      }
+      store_pack<W>(param + at, p);
+      store_pack<W>(exp_avg + at, m);
+      store_pack<W>(exp_avg_sq + at, v);
+      if (kAmsgrad) store_pack<W>(max_exp_avg_sq + at, vmax);
+    }
+    scalar_begin = begin + packs * W;
+  }
+  // Unaligned tensors, and the tail of an aligned one.
+  for (int64_t i = scalar_begin + threadIdx.x; i < end; i += blockDim.x) {
+    M pm = Storage<P>::template load<M>(param[i]);
+    M mm = Storage<S>::template load<M>(exp_avg[i]);
+    M vm = Storage<S>::template load<M>(exp_avg_sq[i]);
+    M xm = kAmsgrad ? Storage<S>::template load<M>(max_exp_avg_sq[i]) : M(0);
+    adam_update<M>(pm, Storage<P>::template load<M>(grad[i]), mm, vm, xm, grad_scale, s);
+    param[i] = Storage<P>::template store<M>(pm);
+    exp_avg[i] = Storage<S>::template store<M>(mm);
+    exp_avg_sq[i] = Storage<S>::template store<M>(vm);
+    if (kAmsgrad) max_exp_avg_sq[i] = Storage<S>::template store<M>(xm);
+  }
+}
+
+template <typename P, typename S, bool kAmsgrad>
+__global__ void __launch_bounds__(kBlockThreads)
+    adam_kernel(const DeviceTables t, const AdamHyper hyper, const StepScalars scalars) {
+  using M = typename MathOf<P>::type;
+  // found_inf is read by every block and written by none, so all blocks
+  // return here together and the ticket is never touched.
+  if (scalars.found_inf != nullptr && *scalars.found_inf != 0.f) return;
+  const M grad_scale = scalars.grad_scale != nullptr ? static_cast<M>(*scalars.grad_scale) : M(1);
+  const double lr = scalars.lr != nullptr ? static_cast<double>(*scalars.lr) : hyper.lr;
+  for (int64_t c = blockIdx.x; c < t.total_chunks; c += gridDim.x) {
+    const ChunkRecord chunk = t.chunks[c];
+    const TensorRecord& r = t.records[chunk.tensor];
+    // The step after this call's increment, in float32 as torch counts it.
+    const float step = *r.step + 1.f;
+    AdamScalars<M> s = resolve_adam<M>(hyper, lr, static_cast<double>(step));
+    s.amsgrad = kAmsgrad;  // a compile-time constant for the update's branch
+    int64_t begin, end;
+    chunk_range(chunk, r.numel, begin, end);
+    adam_chunk<P, S, kAmsgrad>(r, begin, end, grad_scale, s);
+  }
+  increment_steps_if_last(t);
+}
+
+template <typename P, typename S>
+void launch_typed(const DeviceTables& t, const AdamHyper& h, const StepScalars& sc, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(launch_blocks(t.total_chunks)));
+  if (h.amsgrad)
+    adam_kernel<P, S, true><<<grid, kBlockThreads, 0, stream>>>(t, h, sc);
+  else
+    adam_kernel<P, S, false><<<grid, kBlockThreads, 0, stream>>>(t, h, sc);
+  check_cuda(cudaGetLastError(), "adam_kernel launch");
+}
+
+}  // namespace
+
+void launch_adam(DType param, DType state, const DeviceTables& t, const AdamHyper& h, const StepScalars& sc,
+                 cudaStream_t stream) {
+  switch (param) {
+    case DType::kFloat32:
+      return launch_typed<float, float>(t, h, sc, stream);
+    case DType::kFloat64:
+      return launch_typed<double, double>(t, h, sc, stream);
+    case DType::kFloat16:
+      if (state == DType::kFloat32) return launch_typed<__half, float>(t, h, sc, stream);
+      return launch_typed<__half, __half>(t, h, sc, stream);
+    case DType::kBFloat16:
+      if (state == DType::kFloat32) return launch_typed<__nv_bfloat16, float>(t, h, sc, stream);
+      return launch_typed<__nv_bfloat16, __nv_bfloat16>(t, h, sc, stream);
+  }
+  throw std::invalid_argument("param_dtype: unknown dtype");
+}
+
+}  // namespace cuda
+}  // namespace fused_adamw

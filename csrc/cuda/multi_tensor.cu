@@ -1,0 +1,321 @@
+// multi_tensor.cu: host side of the CUDA backend's multi-tensor machinery
+// (declared and explained in multi_tensor.cuh): table validation and chunk
+// planning (plain C++, no GPU needed), CUDA error checking, and the workspace
+// that keeps a group's plan on the device and uploads it through kernel
+// parameters.
+//
+// Built into fused_adamw._cuda by CMakeLists.txt.
+#include "multi_tensor.cuh"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace fused_adamw {
+namespace cuda {
+
+namespace {
+
+// Bytes before the tensor records: the last-block ticket, padded so the
+// records start 256-byte aligned.
+constexpr size_t kHeaderBytes = 256;
+
+// Words one upload kernel carries in its parameters. Kernel parameters may
+// take 32764 bytes since CUDA 12.1 on sm_70 and newer; the blob below is
+// 16 bytes of header plus 32000 of payload.
+constexpr int64_t kUploadWords = 4000;
+
+struct UploadBlob {
+  unsigned long long* dst;
+  int64_t words;
+  unsigned long long data[kUploadWords];
+};
+static_assert(sizeof(UploadBlob) <= 32764, "kernel parameters are limited to 32764 bytes");
+
+constexpr int kUploadThreads = 256;
+
+__global__ void __launch_bounds__(kUploadThreads) upload_kernel(const __grid_constant__ UploadBlob blob) {
+  for (int64_t i = threadIdx.x; i < blob.words; i += blockDim.x) blob.dst[i] = blob.data[i];
+}
+
+const char* dtype_name(int64_t code) {
+  switch (static_cast<DType>(code)) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+  }
+  return "unknown";
+}
+
+int64_t table_cols(Algorithm algo) {
+  return algo == Algorithm::kAdam ? static_cast<int64_t>(kAdamCols) : static_cast<int64_t>(kSgdCols);
+}
+
+bool known_dtype(int64_t code) {
+  return code == static_cast<int64_t>(DType::kFloat32) || code == static_cast<int64_t>(DType::kFloat64) ||
+         code == static_cast<int64_t>(DType::kFloat16) || code == static_cast<int64_t>(DType::kBFloat16);
+}
+
+[[noreturn]] void bad_row(int64_t row, const char* column, const std::string& why) {
+  throw std::invalid_argument("address table row " + std::to_string(row) + ", column " + column + ": " + why);
+}
+
+// Switches the calling thread's capture mode to relaxed for its lifetime, so
+// that cudaMalloc / cudaFree during a capture do not invalidate it.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { check_cuda(cudaThreadExchangeStreamCaptureMode(&mode_), "cudaThreadExchangeStreamCaptureMode"); }
+  ~RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
+bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ planning
+
+void check_dtypes(int64_t param_dtype, int64_t state_dtype) {
+  if (!known_dtype(param_dtype))
+    throw std::invalid_argument("param_dtype: unknown dtype code " + std::to_string(param_dtype) +
+                                " (0 float32, 1 float64, 2 float16, 3 bfloat16)");
+  if (!known_dtype(state_dtype))
+    throw std::invalid_argument("state_dtype: unknown dtype code " + std::to_string(state_dtype) +
+                                " (0 float32, 1 float64, 2 float16, 3 bfloat16)");
+  const auto p = static_cast<DType>(param_dtype);
+  const auto s = static_cast<DType>(state_dtype);
+  const bool low = p == DType::kFloat16 || p == DType::kBFloat16;
+  if (s != p && !(low && s == DType::kFloat32))
+    throw std::invalid_argument(std::string("state_dtype ") + dtype_name(state_dtype) + " is not allowed with " +
+                                dtype_name(param_dtype) +
+                                " params: the param dtype, or float32 for float16/bfloat16 params");
+}
+
+std::vector<ChunkRecord> plan_chunks(const std::vector<int64_t>& numels, int64_t chunk_elems) {
+  if (chunk_elems <= 0) throw std::invalid_argument("chunk_elems must be positive, got " + std::to_string(chunk_elems));
+  if (numels.size() > UINT32_MAX)
+    throw std::invalid_argument("too many tensors for one call: " + std::to_string(numels.size()));
+  int64_t total = 0;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    if (numels[i] < 0) throw std::invalid_argument("numel of tensor " + std::to_string(i) + " is negative");
+    const int64_t chunks = numels[i] / chunk_elems + (numels[i] % chunk_elems != 0);
+    if (chunks > static_cast<int64_t>(UINT32_MAX))
+      throw std::invalid_argument("tensor " + std::to_string(i) + " has too many elements: " +
+                                  std::to_string(numels[i]));
+    total += chunks;
+  }
+  std::vector<ChunkRecord> out;
+  out.reserve(static_cast<size_t>(total));
+  for (size_t i = 0; i < numels.size(); ++i) {
+    const int64_t chunks = numels[i] / chunk_elems + (numels[i] % chunk_elems != 0);
+    for (int64_t c = 0; c < chunks; ++c)
+      out.push_back(ChunkRecord{static_cast<uint32_t>(i), static_cast<uint32_t>(c)});
+  }
+  return out;
+}
+
+int64_t launch_blocks(int64_t total_chunks) { return std::max<int64_t>(1, std::min(total_chunks, kMaxBlocks)); }
+
+HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state) {
+  if (n_tensors < 0) throw std::invalid_argument("n_tensors must be >= 0, got " + std::to_string(n_tensors));
+  if (n_tensors > 0 && table == nullptr) throw std::invalid_argument("table_addr is 0 with n_tensors > 0");
+  const bool adam = algo == Algorithm::kAdam;
+  const int64_t cols = table_cols(algo);
+  // Table column of each pointer slot, -1 where the slot is unused.
+  int64_t slot_col[kSlots];
+  const char* slot_name[kSlots];
+  if (adam) {
+    const int64_t c[kSlots] = {kAdamParam, kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, third_state ? kAdamMaxExpAvgSq : -1};
+    const char* nm[kSlots] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+    std::copy(c, c + kSlots, slot_col);
+    std::copy(nm, nm + kSlots, slot_name);
+  } else {
+    const int64_t c[kSlots] = {kSgdParam, kSgdGrad, third_state ? kSgdMomentumBuffer : -1, -1, -1};
+    const char* nm[kSlots] = {"param", "grad", "momentum_buffer", "", ""};
+    std::copy(c, c + kSlots, slot_col);
+    std::copy(nm, nm + kSlots, slot_name);
+  }
+
+  HostPlan plan;
+  plan.records.resize(static_cast<size_t>(n_tensors));
+  std::vector<int64_t> numels(static_cast<size_t>(n_tensors));
+  for (int64_t i = 0; i < n_tensors; ++i) {
+    const int64_t* row = table + i * cols;
+    TensorRecord& r = plan.records[static_cast<size_t>(i)];
+    r = TensorRecord{};
+    r.numel = row[adam ? static_cast<int64_t>(kAdamNumel) : static_cast<int64_t>(kSgdNumel)];
+    if (r.numel < 0) bad_row(i, "numel", "negative (" + std::to_string(r.numel) + ")");
+    numels[static_cast<size_t>(i)] = r.numel;
+    bool aligned = true;
+    for (int s = 0; s < kSlots; ++s) {
+      if (slot_col[s] < 0) continue;
+      const int64_t addr = row[slot_col[s]];
+      // An empty tensor may have no storage; nothing of it is touched.
+      if (addr == 0 && r.numel > 0) bad_row(i, slot_name[s], "address is 0");
+      aligned = aligned && addr % kPackBytes == 0;
+      r.ptr[s] = reinterpret_cast<void*>(static_cast<uintptr_t>(addr));
+    }
+    r.flags = aligned ? kVectorAligned : 0u;
+    if (adam) {
+      const int64_t step = row[kAdamStep];
+      if (step == 0) bad_row(i, "step", "address is 0");
+      if (step % static_cast<int64_t>(sizeof(float)) != 0) bad_row(i, "step", "not 4-byte aligned");
+      r.step = reinterpret_cast<float*>(static_cast<uintptr_t>(step));
+    } else if (third_state && row[kSgdFirstStep] != 0) {
+      r.flags |= kFirstStep;
+    }
+  }
+  plan.chunks = plan_chunks(numels, kChunkElems);
+  return plan;
+}
+
+// ------------------------------------------------------------------ errors
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  // Reset the runtime's last error (for errors that are not sticky), so the
+  // next launch check does not report this one again.
+  cudaGetLastError();
+  throw std::runtime_error(std::string("fused_adamw._cuda: ") + what + " failed: " + cudaGetErrorName(err) + ": " +
+                           cudaGetErrorString(err));
+}
+
+DeviceGuard::DeviceGuard(int device) {
+  check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+  if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
+
+DeviceGuard::~DeviceGuard() {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+}
+
+// ------------------------------------------------------------------ workspace
+
+Workspace::~Workspace() {
+  if (buf_ == nullptr && last_use_ == nullptr) return;  // never touched the GPU
+  // No throwing here: errors (a CUDA runtime already unloaded at exit) are
+  // ignored, and the memory goes with the process.
+  int previous = -1;
+  const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != device_ &&
+                        cudaSetDevice(device_) == cudaSuccess;
+  if (last_use_ != nullptr) {
+    cudaEventSynchronize(last_use_);
+    cudaEventDestroy(last_use_);
+  }
+  if (buf_ != nullptr) cudaFree(buf_);
+  for (char* old : retired_) cudaFree(old);
+  if (switched) cudaSetDevice(previous);
+}
+
+DeviceTables Workspace::tables() const {
+  DeviceTables t;
+  t.done_blocks = reinterpret_cast<unsigned int*>(buf_);
+  t.records = reinterpret_cast<const TensorRecord*>(buf_ + kHeaderBytes);
+  t.chunks = reinterpret_cast<const ChunkRecord*>(buf_ + kHeaderBytes + sizeof(TensorRecord) * n_tensors_);
+  t.n_tensors = n_tensors_;
+  t.total_chunks = total_chunks_;
+  return t;
+}
+
+bool Workspace::ensure_capacity(size_t bytes, cudaStream_t stream, bool capturing) {
+  if (bytes <= capacity_ && buf_ != nullptr) return false;
+  // Grow by half again, so a group that grows a little each time does not
+  // reallocate every time.
+  size_t want = std::max(bytes, capacity_ + capacity_ / 2);
+  want = (want + 4095) / 4096 * 4096;
+  char* fresh = nullptr;
+  {
+    RelaxedCapture relaxed;
+    check_cuda(cudaMalloc(&fresh, want), "cudaMalloc (optimizer workspace)");
+  }
+  if (buf_ != nullptr) {
+    if (graph_owned_ || capturing) {
+      retired_.push_back(buf_);  // a captured graph may still use it
+    } else {
+      if (launched_) check_cuda(cudaEventSynchronize(last_use_), "cudaEventSynchronize");
+      check_cuda(cudaFree(buf_), "cudaFree");
+    }
+  }
+  buf_ = fresh;
+  capacity_ = want;
+  // The ticket starts at 0; the last block of every launch puts it back.
+  check_cuda(cudaMemsetAsync(buf_, 0, kHeaderBytes, stream), "cudaMemsetAsync");
+  return true;
+}
+
+void Workspace::upload(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+  const int64_t words = static_cast<int64_t>(bytes / sizeof(unsigned long long));
+  auto* out = static_cast<unsigned long long*>(dst);
+  const auto* in = static_cast<const unsigned long long*>(src);
+  UploadBlob blob;
+  for (int64_t at = 0; at < words; at += kUploadWords) {
+    blob.dst = out + at;
+    blob.words = std::min(kUploadWords, words - at);
+    std::memcpy(blob.data, in + at, static_cast<size_t>(blob.words) * sizeof(unsigned long long));
+    upload_kernel<<<1, kUploadThreads, 0, stream>>>(blob);
+    check_cuda(cudaGetLastError(), "upload_kernel launch");
+  }
+}
+
+DeviceTables Workspace::prepare(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state,
+                                cudaStream_t stream) {
+  const bool capturing = stream_capturing(stream);
+  // A launch of this workspace on another stream may still read the tables
+  // or hold the ticket: order this call after it.
+  if (!capturing && launched_ && stream != last_stream_)
+    check_cuda(cudaStreamWaitEvent(stream, last_use_, 0), "cudaStreamWaitEvent");
+
+  const size_t table_words = static_cast<size_t>(n_tensors * table_cols(algo));
+  const bool same_shape = valid_ && algo == algo_ && third_state == third_state_ && n_tensors == n_tensors_;
+  if (same_shape && !graph_owned_ && !capturing &&
+      std::memcmp(mirror_.data(), table, table_words * sizeof(int64_t)) == 0)
+    return tables();
+
+  HostPlan plan = plan_table(algo, table, n_tensors, third_state);  // throws before anything changes
+  const int64_t cols = table_cols(algo);
+  bool same_numels = same_shape;
+  for (int64_t i = 0; same_numels && i < n_tensors; ++i) same_numels = mirror_[i * cols] == table[i * cols];
+
+  valid_ = false;
+  const size_t record_bytes = sizeof(TensorRecord) * plan.records.size();
+  const size_t chunk_bytes = sizeof(ChunkRecord) * plan.chunks.size();
+  const bool moved = ensure_capacity(kHeaderBytes + record_bytes + chunk_bytes, stream, capturing);
+  if (record_bytes) upload(buf_ + kHeaderBytes, plan.records.data(), record_bytes, stream);
+  // The chunk table depends on the sizes only, so an address change (new
+  // grads after zero_grad(set_to_none=True)) uploads the records alone.
+  if (chunk_bytes && (moved || !same_numels || graph_owned_ || capturing))
+    upload(buf_ + kHeaderBytes + record_bytes, plan.chunks.data(), chunk_bytes, stream);
+  ++uploads_;
+
+  mirror_.assign(table, table + table_words);
+  algo_ = algo;
+  third_state_ = third_state;
+  n_tensors_ = n_tensors;
+  total_chunks_ = static_cast<int64_t>(plan.chunks.size());
+  valid_ = true;
+  return tables();
+}
+
+void Workspace::finish(cudaStream_t stream) {
+  if (stream_capturing(stream)) {
+    graph_owned_ = true;
+    return;
+  }
+  if (last_use_ == nullptr)
+    check_cuda(cudaEventCreateWithFlags(&last_use_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  check_cuda(cudaEventRecord(last_use_, stream), "cudaEventRecord");
+  last_stream_ = stream;
+  launched_ = true;
+}
+
+}  // namespace cuda
+}  // namespace fused_adamw

@@ -1,0 +1,338 @@
+// multi_tensor.cuh: the multi-tensor machinery of the CUDA backend
+// (fused_adamw._cuda): the address-table columns, the host-side plan (per-tensor
+// records and a chunk table over every tensor of a (device, dtype) group), the
+// device-resident workspace that holds the plan across steps, and the device
+// helpers (dtype conversion, 16-byte packs, the end-of-grid step increment)
+// that adam_cuda.cu and sgd_cuda.cu share.
+//
+// Follows ../shared/DESIGN.md, "Native interface" and "Multi-tensor plan". The
+// per-element math is not here: the kernels call resolve_*() and *_update()
+// of csrc/include/fused_adamw/update.h.
+//
+// Built by CMakeLists.txt ("_cuda") with every csrc/cuda/*.cu into one module;
+// planning is plain C++ that tests/test_cuda_host.py checks on machines without
+// a GPU through _cuda.plan_chunks / _cuda.plan_table.
+//
+// One launch per group and step, whatever the number of tensors:
+//   * metadata scheme: a device-resident table, not kernel-parameter metadata.
+//     32 KB of parameters hold about 500 tensors (64 bytes each) and no chunk
+//     table, so big models would need several launches or an in-kernel
+//     search; the device table has no size limit, and the kernel reads one
+//     8-byte chunk record and one 64-byte tensor record per 64K-element chunk
+//     (under 0.01% of the chunk's traffic). It is rebuilt only when an address,
+//     size or flag in the host table changes (the host compares the whole
+//     table, a memcmp, each step).
+//   * upload: the changed table travels to the device as the parameters of
+//     small copy kernels (32 KB each, CUDA 12.1+ on sm_70+), not through a
+//     pinned buffer and cudaMemcpyAsync. Kernel parameters are copied at
+//     launch (and into the graph at capture), so there is no host buffer whose
+//     reuse must wait for an earlier copy, no host sync, and the upload is
+//     stream-ordered and capturable as it is.
+//   * steps: every block reads its tensor's old step s and uses s + 1; the
+//     last block of the grid to finish (an atomic ticket) adds 1 to every
+//     step, after all readers are done. One launch; a second tiny launch would
+//     cost a few microseconds per step for nothing.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <fused_adamw/update.h>
+
+namespace fused_adamw {
+namespace cuda {
+
+// ------------------------------------------------------------------ tables
+
+enum class Algorithm : int32_t { kAdam = 0, kSgd = 1 };
+
+// Columns of the Adam address table: C-contiguous int64 [n_tensors, kAdamCols].
+enum AdamCol : int64_t {
+  kAdamNumel = 0,
+  kAdamParam = 1,
+  kAdamGrad = 2,
+  kAdamExpAvg = 3,
+  kAdamExpAvgSq = 4,
+  kAdamMaxExpAvgSq = 5,  // 0 unless amsgrad
+  kAdamStep = 6,         // a float32 scalar on the device
+  kAdamCols = 7,
+};
+
+// Columns of the SGD address table: int64 [n_tensors, kSgdCols].
+enum SgdCol : int64_t {
+  kSgdNumel = 0,
+  kSgdParam = 1,
+  kSgdGrad = 2,
+  kSgdMomentumBuffer = 3,  // 0 when momentum == 0
+  kSgdFirstStep = 4,       // 1: the buffer was just allocated, set buf = g
+  kSgdCols = 5,
+};
+
+// Pointer slots of a TensorRecord.
+enum Slot : int32_t {
+  kSlotParam = 0,
+  kSlotGrad = 1,
+  kSlotState0 = 2,  // exp_avg | momentum_buffer
+  kSlotState1 = 3,  // exp_avg_sq
+  kSlotState2 = 4,  // max_exp_avg_sq
+  kSlots = 5,
+};
+
+enum RecordFlag : uint32_t {
+  kVectorAligned = 1u << 0,  // every pointer of the tensor is 16-byte aligned
+  kFirstStep = 1u << 1,      // SGD: the momentum buffer has no history yet
+};
+
+// Elements per chunk; one block per chunk. A 64K-element chunk of fp32 AdamW
+// moves 1.75 MB, so the per-chunk setup (two record loads, the bias
+// corrections) vanishes; a multiple of every pack width, so packs never
+// straddle a chunk.
+constexpr int64_t kChunkElems = int64_t{1} << 16;
+constexpr int kBlockThreads = 512;
+constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit; the kernels loop past it
+constexpr int kPackBytes = 16;
+
+// One tensor, as the kernels see it (64 bytes, so a record is two sectors).
+struct TensorRecord {
+  void* ptr[kSlots];
+  int64_t numel;
+  float* step;  // Adam only
+  uint32_t flags;
+  uint32_t reserved;
+};
+static_assert(sizeof(TensorRecord) == 64, "TensorRecord must stay 64 bytes");
+
+// One chunk: elements [index * kChunkElems, min((index + 1) * kChunkElems, numel))
+// of tensor `tensor`.
+struct ChunkRecord {
+  uint32_t tensor;
+  uint32_t index;
+};
+static_assert(sizeof(ChunkRecord) == 8, "ChunkRecord must stay 8 bytes");
+
+// The host plan of one call: what the workspace uploads.
+struct HostPlan {
+  std::vector<TensorRecord> records;
+  std::vector<ChunkRecord> chunks;
+};
+
+// Chunks of tensors with these sizes, in tensor order (tensor i's chunks
+// ascending); throws std::invalid_argument (ValueError) for a negative size or
+// counts the records cannot hold.
+std::vector<ChunkRecord> plan_chunks(const std::vector<int64_t>& numels, int64_t chunk_elems);
+
+// Validates a host address table (row by row, naming the row and column) and
+// builds its records and chunks. `third_state`: amsgrad (Adam) or momentum != 0
+// (SGD), i.e. whether max_exp_avg_sq / momentum_buffer is used.
+HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state);
+
+// Blocks of the launch for this many chunks (at least 1: the last block
+// increments the steps even when every tensor is empty).
+int64_t launch_blocks(int64_t total_chunks);
+
+// Throws std::invalid_argument (ValueError) unless the codes name known dtypes
+// and the state dtype is the param dtype or float32 for 16-bit params.
+void check_dtypes(int64_t param_dtype, int64_t state_dtype);
+
+// ------------------------------------------------------------------ errors
+
+// Throws std::runtime_error (RuntimeError in Python) with CUDA's message.
+void check_cuda(cudaError_t err, const char* what);
+
+// Makes `device` current for its lifetime and restores the previous one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+// ------------------------------------------------------------------ workspace
+
+// Device pointers of an uploaded plan, passed to the kernels by value.
+struct DeviceTables {
+  const TensorRecord* records;
+  const ChunkRecord* chunks;
+  unsigned int* done_blocks;  // the last-block ticket; 0 between launches
+  int64_t n_tensors;
+  int64_t total_chunks;
+};
+
+// Device addresses of the per-call scalars, nullptr when absent.
+struct StepScalars {
+  const float* lr;          // capturable: the learning rate, else hyper.lr is used
+  const float* grad_scale;  // AMP: grads are divided by it
+  const float* found_inf;   // AMP: nonzero means write nothing at all
+};
+
+// Device memory holding one group's plan across steps: the backend keeps one
+// per (device, dtype) bucket in its cache, so the memory lives as long as the
+// optimizer's bucket. Not thread-safe: calls hold the GIL.
+//
+// CUDA graphs: a call under stream capture always uploads (so every replay
+// first restores its own tables), allocates with the capture relaxed (the
+// memory belongs to the workspace, as torch's allocator does it), and marks
+// the workspace graph-owned: from then on eager calls upload every time too
+// (a replay may have overwritten the tables behind the host's back) and
+// buffers outgrown are kept, not freed, until the workspace dies.
+class Workspace {
+ public:
+  explicit Workspace(int device) : device_(device) {}
+  ~Workspace();
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+
+  int device() const { return device_; }
+  int64_t uploads() const { return uploads_; }
+  int64_t capacity_bytes() const { return static_cast<int64_t>(capacity_); }
+  bool graph_owned() const { return graph_owned_; }
+
+  // With device() current: the device tables for this host table on stream,
+  // validated, planned and uploaded only when it differs from the last one.
+  DeviceTables prepare(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state,
+                       cudaStream_t stream);
+  // After the launch on stream.
+  void finish(cudaStream_t stream);
+
+ private:
+  bool ensure_capacity(size_t bytes, cudaStream_t stream, bool capturing);
+  void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream);
+  DeviceTables tables() const;
+
+  int device_;
+  char* buf_ = nullptr;
+  size_t capacity_ = 0;
+  std::vector<char*> retired_;
+  cudaEvent_t last_use_ = nullptr;
+  cudaStream_t last_stream_ = nullptr;
+  bool launched_ = false;
+  bool graph_owned_ = false;
+  bool valid_ = false;
+  Algorithm algo_ = Algorithm::kAdam;
+  bool third_state_ = false;
+  int64_t n_tensors_ = -1;
+  int64_t total_chunks_ = 0;
+  std::vector<int64_t> mirror_;  // the host table the device tables describe
+  int64_t uploads_ = 0;
+};
+
+// ------------------------------------------------------------------ launchers
+
+void launch_adam(DType param, DType state, const DeviceTables& tables, const AdamHyper& hyper,
+                 const StepScalars& scalars, cudaStream_t stream);
+void launch_sgd(DType param, DType state, const DeviceTables& tables, const SgdHyper& hyper,
+                const StepScalars& scalars, cudaStream_t stream);
+
+// ------------------------------------------------------------------ device helpers
+
+#if defined(__CUDACC__)
+
+// The math type: fp32, fp64 for fp64 storage.
+template <typename T>
+struct MathOf {
+  using type = float;
+};
+template <>
+struct MathOf<double> {
+  using type = double;
+};
+
+// Storage <-> math conversions (round to nearest even on the way back).
+template <typename T>
+struct Storage {
+  template <typename M>
+  static __device__ __forceinline__ M load(T x) { return static_cast<M>(x); }
+  template <typename M>
+  static __device__ __forceinline__ T store(M x) { return static_cast<T>(x); }
+};
+template <>
+struct Storage<__half> {
+  template <typename M>
+  static __device__ __forceinline__ M load(__half x) { return static_cast<M>(__half2float(x)); }
+  template <typename M>
+  static __device__ __forceinline__ __half store(M x) { return __float2half_rn(static_cast<float>(x)); }
+};
+template <>
+struct Storage<__nv_bfloat16> {
+  template <typename M>
+  static __device__ __forceinline__ M load(__nv_bfloat16 x) { return static_cast<M>(__bfloat162float(x)); }
+  template <typename M>
+  static __device__ __forceinline__ __nv_bfloat16 store(M x) {
+    return __float2bfloat16_rn(static_cast<float>(x));
+  }
+};
+
+// The tensors are device memory: telling the compiler lets it emit global
+// loads and stores (LDG/STG) instead of generic ones for pointers it reads
+// from the records. Only for pointers that are used (never null).
+template <typename T>
+__device__ __forceinline__ T* global_ptr(void* p) {
+  __builtin_assume(__isGlobal(p));
+  return static_cast<T*>(p);
+}
+
+// W elements of T through 16-byte accesses (W * sizeof(T) is a multiple of
+// 16: one access for the param type, two for fp32 state beside 16-bit params).
+template <int W, typename T>
+__device__ __forceinline__ void load_pack(const T* src, T (&dst)[W]) {
+  static_assert((W * sizeof(T)) % kPackBytes == 0, "a pack is whole 16-byte words");
+  constexpr int kWords = static_cast<int>(W * sizeof(T) / kPackBytes);
+  int4 raw[kWords];
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) raw[k] = reinterpret_cast<const int4*>(src)[k];
+  memcpy(dst, raw, sizeof(raw));
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void store_pack(T* dst, const T (&src)[W]) {
+  static_assert((W * sizeof(T)) % kPackBytes == 0, "a pack is whole 16-byte words");
+  constexpr int kWords = static_cast<int>(W * sizeof(T) / kPackBytes);
+  int4 raw[kWords];
+  memcpy(raw, src, sizeof(raw));
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) reinterpret_cast<int4*>(dst)[k] = raw[k];
+}
+
+// The chunk's element range.
+__device__ __forceinline__ void chunk_range(const ChunkRecord& c, int64_t numel, int64_t& begin, int64_t& end) {
+  begin = static_cast<int64_t>(c.index) * kChunkElems;
+  end = begin + kChunkElems < numel ? begin + kChunkElems : numel;
+}
+
+// Called by every block when it has finished all its chunks: the last block
+// of the grid adds 1 to every tensor's step. Every block read the old steps
+// before its ticket (the __syncthreads and the fence order them), so no block
+// can see a step already incremented. The last block resets the ticket, which
+// keeps the workspace ready for the next launch and for graph replays.
+__device__ __forceinline__ void increment_steps_if_last(const DeviceTables& t) {
+  __shared__ bool s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned int ticket = atomicAdd(t.done_blocks, 1u);
+    s_last = ticket == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int64_t i = threadIdx.x; i < t.n_tensors; i += blockDim.x) {
+    float* step = t.records[i].step;
+    *step = *step + 1.f;
+  }
+  if (threadIdx.x == 0) *t.done_blocks = 0u;
+}
+
+#endif  // __CUDACC__
+
+}  // namespace cuda
+}  // namespace fused_adamw
