@@ -1,0 +1,637 @@
+"""Tests of the Triton launchers fused_adamw.triton_kernels.adam_step / sgd_step.
+
+They call the launchers directly (the backend contract of
+python/fused_adamw/hyper.py), not through the optimizer classes: every mode x
+dtype x weight decay on/off, several tensors of odd sizes (1, 7, 4097, a
+transposed 3x5) in one call, per-tensor step counts, 20 steps with lr changing
+every step, found_inf, grad_scale, lr from a tensor, the table cache.
+
+Oracle: fused_adamw.reference (float64 NumPy, DESIGN.md's rule), two ways:
+  * each step, one reference step from our own state before it: the kernel's
+    math type (float32) against float64, so our result is within a few fp32
+    rounding units, or one rounding unit of a 16-bit storage type (STEP_TOL);
+  * for float32 / float64 storage, the whole 20-step trajectory against an
+    independent reference run (TRAJ_TOL).
+
+Where: without CUDA (CI), on CPU tensors under the Triton interpreter: this
+module sets TRITON_INTERPRET=1 before it imports triton (the kernels choose
+interpreter or compiler when they are defined; if something imported them
+earlier in the other mode, collection stops with a message saying so). With
+CUDA, the same tests run compiled on the GPU, plus the `gpu` tests (no
+recompiles when lr changes, CUDA-graph capture and replay). Either way one
+test compiles the kernels for sm_90 in a subprocess (no GPU needed) and reads
+the PTX.
+
+    pytest tests/test_triton_kernels.py        # ~1 minute on 2 CPU cores
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first import of triton (kernels pick the interpreter
+    # when they are decorated).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from fused_adamw import reference  # noqa: E402
+from fused_adamw.hyper import AdamHyper, SgdHyper  # noqa: E402
+from fused_adamw.triton_kernels import adam_step, sgd_step  # noqa: E402
+from fused_adamw.triton_kernels import adam as triton_adam  # noqa: E402
+from fused_adamw.triton_kernels import sgd as triton_sgd  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+if INTERPRETED != (type(triton_adam._adam_kernel).__name__ == "InterpretedFunction"):
+    raise RuntimeError(
+        "fused_adamw.triton_kernels was imported before TRITON_INTERPRET was set, so its kernels do not "
+        "match the mode this module runs in; set TRITON_INTERPRET=1 in the environment (or in conftest.py) "
+        "before anything imports triton, or run this file on its own"
+    )
+
+STEPS = 20
+SHAPES = [(1,), (7,), (4097,), "3x5T"]  # "3x5T": a transposed (5, 3) tensor, dense but not contiguous
+INITIAL_STEPS = (0, 3, 10, 1)
+LR0 = 1e-2
+
+# id -> (param dtype, state dtype)
+DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "fp64": (torch.float64, torch.float64),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16),
+    "bf16-fp32state": (torch.bfloat16, torch.float32),
+}
+# One reference step from our state, by storage dtype: (rtol, atol). 16-bit:
+# one rounding unit of the result (2**-mantissa bits relative); fp32: a few
+# units of the float32 math; fp64: the float64 math.
+STEP_TOL = {
+    torch.float64: (1e-12, 1e-14),
+    torch.float32: (2e-6, 1e-6),
+    torch.bfloat16: (2.0 ** -7, 1e-6),
+    torch.float16: (2.0 ** -10, 1e-6),
+}
+# The whole trajectory against an independent float64 run: (rtol, atol).
+TRAJ_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}
+
+# id -> reference keywords (weight_decay comes from the case)
+ADAM_MODES = {
+    "adamw": dict(decoupled=True),
+    "adam-l2": dict(decoupled=False),
+    "adamw-amsgrad": dict(decoupled=True, amsgrad=True),
+    "adam-l2-amsgrad-maximize": dict(decoupled=False, amsgrad=True, maximize=True),
+    "adamw-maximize": dict(decoupled=True, maximize=True),
+    "adamw-schedule": dict(decoupled=True, decay_scaling="schedule"),
+}
+SGD_MODES = {
+    "sgd": dict(),
+    "sgd-momentum-dampening": dict(momentum=0.9, dampening=0.1),
+    "sgd-nesterov-maximize": dict(momentum=0.9, nesterov=True, maximize=True),
+    "sgdw": dict(decoupled=True),
+    "sgdw-momentum": dict(decoupled=True, momentum=0.9),
+    "sgdw-schedule": dict(decoupled=True, momentum=0.8, dampening=0.2, decay_scaling="schedule"),
+}
+# Weight decay off only where it makes a different kernel (with wd = 0 the
+# L2 / decoupled / schedule variants of a mode are one and the same update).
+ADAM_CASES = [(m, 0.1) for m in ADAM_MODES] + [("adamw", 0.0), ("adam-l2-amsgrad-maximize", 0.0)]
+SGD_CASES = [(m, 0.1) for m in SGD_MODES] + [("sgd", 0.0), ("sgd-nesterov-maximize", 0.0)]
+BETAS = (0.9, 0.99)
+EPS = 1e-8
+
+
+# ---------------------------------------------------------------- helpers
+
+def _lr(k: int) -> float:
+    return LR0 * 0.9 ** k * (1.0 + 0.1 * math.sin(k))
+
+
+def _randn(gen, shape, dtype, scale=1.0):
+    """Fresh random data, never zeros, on DEVICE; "3x5T" gives a transposed view."""
+    if shape == "3x5T":
+        return (torch.randn((5, 3), generator=gen, dtype=torch.float64) * scale).to(DEVICE, dtype).t()
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def _positive(gen, like, dtype, scale):
+    """Like `like` (shape and strides), uniform in (0.1, 1.1) * scale."""
+    out = torch.empty_like(like, dtype=dtype)
+    out.copy_((torch.rand(like.shape, generator=gen, dtype=torch.float64) + 0.1) * scale)
+    return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy().copy()
+
+
+def _assert_close(what: str, ours: torch.Tensor, ref: np.ndarray, tol: tuple[float, float]) -> None:
+    rtol, atol = tol
+    got = _np(ours)
+    diff = np.abs(got - ref)
+    bound = atol + rtol * np.abs(ref)
+    bad = ~(diff <= bound)  # NaN counts as bad
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, diff - bound, -np.inf)), bad.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} elements off; worst at {i}: "
+            f"ours {got[i]!r}, reference {ref[i]!r}, |diff| {diff[i]:.3g} > {bound[i]:.3g} (rtol {rtol}, atol {atol})"
+        )
+
+
+def _adam_hyper(lr: float, wd: float, kw: dict) -> AdamHyper:
+    schedule = kw.get("decay_scaling", "lr") == "schedule"
+    return AdamHyper(lr=lr, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=wd,
+                     decay_coeff=wd / LR0 if schedule else wd, decoupled=kw.get("decoupled", True),
+                     amsgrad=kw.get("amsgrad", False), maximize=kw.get("maximize", False))
+
+
+def _sgd_hyper(lr: float, wd: float, kw: dict) -> SgdHyper:
+    schedule = kw.get("decay_scaling", "lr") == "schedule"
+    return SgdHyper(lr=lr, momentum=kw.get("momentum", 0.0), dampening=kw.get("dampening", 0.0),
+                    weight_decay=wd, decay_coeff=wd / LR0 if schedule else wd,
+                    decoupled=kw.get("decoupled", False), nesterov=kw.get("nesterov", False),
+                    maximize=kw.get("maximize", False))
+
+
+class AdamRun:
+    """Params, grads and state of one multi-tensor Adam test on DEVICE."""
+
+    def __init__(self, seed: int, dtype_id: str, amsgrad: bool, shapes=SHAPES, initial_steps=INITIAL_STEPS):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype, self.state_dtype = DTYPES[dtype_id]
+        self.shapes = shapes
+        self.params = [_randn(self.gen, s, self.dtype) for s in shapes]
+        self.exp_avgs = [_randn(self.gen, s, self.state_dtype, 0.1) for s in shapes]
+        self.exp_avg_sqs = [_positive(self.gen, p, self.state_dtype, 1e-2) for p in self.params]
+        self.max_exp_avg_sqs = None
+        if amsgrad:
+            # max(v) >= v, with some elements that this step's v overtakes
+            self.max_exp_avg_sqs = [(v.double() * 1.02).to(self.state_dtype) for v in self.exp_avg_sqs]
+        self.steps = [torch.tensor(float(s), dtype=torch.float32, device=DEVICE) for s in initial_steps]
+        self.cache: dict = {}
+
+    def grads(self, scale: float = 1.0):
+        return [_randn(self.gen, s, self.dtype, (0.5 + j) * scale) for j, s in enumerate(self.shapes)]
+
+    def snapshot(self):
+        """Our current params and state as float64 reference inputs."""
+        out = []
+        for i, p in enumerate(self.params):
+            st = {"step": int(self.steps[i].item()), "exp_avg": _np(self.exp_avgs[i]),
+                  "exp_avg_sq": _np(self.exp_avg_sqs[i])}
+            if self.max_exp_avg_sqs is not None:
+                st["max_exp_avg_sq"] = _np(self.max_exp_avg_sqs[i])
+            out.append((_np(p), st))
+        return out
+
+    def step(self, grads, hyper, **kw):
+        adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.steps,
+                  hyper, cache=self.cache, **kw)
+
+    def check(self, what: str, expected, tol_table) -> None:
+        for i, (p_ref, st) in enumerate(expected):
+            _assert_close(f"{what} param {i}", self.params[i], p_ref, tol_table[self.dtype])
+            st_tol = tol_table[self.state_dtype]
+            _assert_close(f"{what} exp_avg {i}", self.exp_avgs[i], st["exp_avg"], st_tol)
+            _assert_close(f"{what} exp_avg_sq {i}", self.exp_avg_sqs[i], st["exp_avg_sq"], st_tol)
+            if self.max_exp_avg_sqs is not None:
+                _assert_close(f"{what} max_exp_avg_sq {i}", self.max_exp_avg_sqs[i], st["max_exp_avg_sq"], st_tol)
+            assert self.steps[i].item() == float(st["step"]), f"{what} step {i}"
+
+
+class SgdRun:
+    """Params, grads and momentum buffers of one multi-tensor SGD test on DEVICE.
+
+    Tensors 0 and 2 start without a buffer (first step: the buffer is
+    allocated, poisoned with NaN, and must be written, never read); tensors 1
+    and 3 start with a random one."""
+
+    def __init__(self, seed: int, dtype_id: str, momentum: bool, shapes=SHAPES):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dtype, self.state_dtype = DTYPES[dtype_id]
+        self.shapes = shapes
+        self.params = [_randn(self.gen, s, self.dtype) for s in shapes]
+        self.bufs = None
+        self.first = [False] * len(shapes)
+        if momentum:
+            self.first = [i % 2 == 0 for i in range(len(shapes))]
+            self.bufs = [torch.full_like(p, math.nan, dtype=self.state_dtype) if f
+                         else _randn(self.gen, s, self.state_dtype, 0.1)
+                         for p, s, f in zip(self.params, shapes, self.first)]
+        self.cache: dict = {}
+
+    def grads(self, scale: float = 1.0):
+        return [_randn(self.gen, s, self.dtype, (0.5 + j) * scale) for j, s in enumerate(self.shapes)]
+
+    def snapshot(self):
+        out = []
+        for i, p in enumerate(self.params):
+            st = {} if self.bufs is None or self.first[i] else {"momentum_buffer": _np(self.bufs[i])}
+            out.append((_np(p), st))
+        return out
+
+    def step(self, grads, hyper, **kw):
+        sgd_step(self.params, grads, self.bufs, list(self.first), hyper, cache=self.cache, **kw)
+        self.first = [False] * len(self.first)
+
+    def check(self, what: str, expected, tol_table) -> None:
+        for i, (p_ref, st) in enumerate(expected):
+            _assert_close(f"{what} param {i}", self.params[i], p_ref, tol_table[self.dtype])
+            if self.bufs is not None:
+                _assert_close(f"{what} momentum_buffer {i}", self.bufs[i], st["momentum_buffer"],
+                              tol_table[self.state_dtype])
+
+
+def _ref_adam(expected, grads, lr, wd, kw, **extra):
+    for (p, st), g in zip(expected, grads):
+        reference.adam_step(p, _np(g), st, lr=lr, betas=BETAS, eps=EPS, weight_decay=wd,
+                            initial_lr=LR0, **kw, **extra)
+
+
+def _ref_sgd(expected, grads, lr, wd, kw, **extra):
+    for (p, st), g in zip(expected, grads):
+        reference.sgd_step(p, _np(g), st, lr=lr, weight_decay=wd, initial_lr=LR0, **kw, **extra)
+
+
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN poison included)."""
+    a, b = (t.detach().cpu().contiguous() for t in (a, b))
+    as_int = _INT_OF_SIZE[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(as_int), b.view(as_int))
+
+
+# ---------------------------------------------------------------- every mode x dtype
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("mode,wd", ADAM_CASES, ids=[f"{m}-wd{w}" for m, w in ADAM_CASES])
+def test_adam_matches_reference(mode, wd, dtype_id):
+    kw = ADAM_MODES[mode]
+    run = AdamRun(seed=1, dtype_id=dtype_id, amsgrad=kw.get("amsgrad", False))
+    trajectory = run.snapshot()
+    for k in range(STEPS):
+        lr = _lr(k)
+        grads = run.grads()
+        expected = run.snapshot()
+        _ref_adam(expected, grads, lr, wd, kw)
+        _ref_adam(trajectory, grads, lr, wd, kw)
+        run.step(grads, _adam_hyper(lr, wd, kw))
+        run.check(f"step {k}", expected, STEP_TOL)
+    if run.dtype in TRAJ_TOL:
+        run.check(f"after {STEPS} steps", trajectory, TRAJ_TOL)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("mode,wd", SGD_CASES, ids=[f"{m}-wd{w}" for m, w in SGD_CASES])
+def test_sgd_matches_reference(mode, wd, dtype_id):
+    kw = SGD_MODES[mode]
+    run = SgdRun(seed=2, dtype_id=dtype_id, momentum=kw.get("momentum", 0.0) != 0.0)
+    trajectory = run.snapshot()
+    for k in range(STEPS):
+        lr = _lr(k)
+        grads = run.grads()
+        expected = run.snapshot()
+        _ref_sgd(expected, grads, lr, wd, kw)
+        _ref_sgd(trajectory, grads, lr, wd, kw)
+        run.step(grads, _sgd_hyper(lr, wd, kw))
+        run.check(f"step {k}", expected, STEP_TOL)
+    if run.dtype in TRAJ_TOL:
+        run.check(f"after {STEPS} steps", trajectory, TRAJ_TOL)
+
+
+# ---------------------------------------------------------------- AMP and capturable inputs
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
+def test_adam_found_inf_writes_nothing(dtype_id):
+    kw = ADAM_MODES["adamw-amsgrad"]
+    run = AdamRun(seed=3, dtype_id=dtype_id, amsgrad=True)
+    grads = run.grads()
+    grads[2].view(-1)[5] = math.inf
+    tensors = run.params + run.exp_avgs + run.exp_avg_sqs + run.max_exp_avg_sqs + run.steps
+    before = [t.clone() for t in tensors]
+    run.step(grads, _adam_hyper(LR0, 0.1, kw), grad_scale=_scalar(1.0), found_inf=_scalar(1.0))
+    assert all(_same_bits(a, b) for a, b in zip(tensors, before))
+    # The same call with found_inf == 0 does update, steps included.
+    grads = run.grads()
+    expected = run.snapshot()
+    _ref_adam(expected, grads, LR0, 0.1, kw)
+    run.step(grads, _adam_hyper(LR0, 0.1, kw), found_inf=_scalar(0.0))
+    run.check("found_inf=0", expected, STEP_TOL)
+
+
+@pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
+def test_sgd_found_inf_writes_nothing(dtype_id):
+    kw = SGD_MODES["sgd-momentum-dampening"]
+    run = SgdRun(seed=4, dtype_id=dtype_id, momentum=True)
+    grads = run.grads()
+    grads[2].view(-1)[5] = math.nan
+    tensors = run.params + run.bufs
+    before = [t.clone() for t in tensors]
+    sgd_step(run.params, grads, run.bufs, list(run.first), _sgd_hyper(LR0, 0.1, kw), cache=run.cache,
+             found_inf=_scalar(1.0))
+    assert all(_same_bits(a, b) for a, b in zip(tensors, before))
+    grads = run.grads()
+    expected = run.snapshot()
+    _ref_sgd(expected, grads, LR0, 0.1, kw)
+    run.step(grads, _sgd_hyper(LR0, 0.1, kw), found_inf=_scalar(0.0))
+    run.check("found_inf=0", expected, STEP_TOL)
+
+
+# A scale that is not a power of two, so that the division rounds.
+GRAD_SCALE = 1000.0
+
+
+@pytest.mark.parametrize("dtype_id", ["fp32", "fp64", "bf16"])
+def test_adam_grad_scale_and_lr_tensor(dtype_id):
+    """AMP inputs and a capturable lr at once: grads scaled by GRAD_SCALE,
+    lr read from a tensor while hyper.lr is NaN (it must not be used)."""
+    kw = ADAM_MODES["adam-l2-amsgrad-maximize"]
+    run = AdamRun(seed=5, dtype_id=dtype_id, amsgrad=True)
+    for k in range(3):
+        lr = float(np.float32(_lr(k)))  # what a float32 lr_tensor holds
+        grads = run.grads(scale=GRAD_SCALE)
+        expected = run.snapshot()
+        _ref_adam(expected, grads, lr, 0.1, kw, grad_scale=GRAD_SCALE)
+        run.step(grads, _adam_hyper(math.nan, 0.1, kw), lr_tensor=_scalar(lr),
+                 grad_scale=_scalar(GRAD_SCALE), found_inf=_scalar(0.0))
+        run.check(f"step {k}", expected, STEP_TOL)
+
+
+@pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
+def test_sgd_grad_scale_and_lr_tensor(dtype_id):
+    kw = SGD_MODES["sgdw-momentum"]
+    run = SgdRun(seed=6, dtype_id=dtype_id, momentum=True)
+    for k in range(3):
+        lr = float(np.float32(_lr(k)))  # what a float32 lr_tensor holds
+        grads = run.grads(scale=GRAD_SCALE)
+        expected = run.snapshot()
+        _ref_sgd(expected, grads, lr, 0.1, kw, grad_scale=GRAD_SCALE)
+        run.step(grads, _sgd_hyper(math.nan, 0.1, kw), lr_tensor=_scalar(lr),
+                 grad_scale=_scalar(GRAD_SCALE), found_inf=_scalar(0.0))
+        run.check(f"step {k}", expected, STEP_TOL)
+
+
+# ---------------------------------------------------------------- layout and cache
+
+def test_unaligned_views_leave_neighbours_alone():
+    """Params and state as views at odd offsets into poisoned buffers: the
+    kernel's unaligned path updates exactly the view, nothing beside it."""
+    sizes = [7, 4097, 1]
+    gen = torch.Generator().manual_seed(7)
+    pool = {}
+
+    def carve(name, dtype):
+        base = torch.full((sum(sizes) + 3 * len(sizes) + 1,), -123.0, dtype=dtype, device=DEVICE)
+        views, at = [], 1  # offset 1: not 16-byte aligned
+        for n in sizes:
+            views.append(base[at:at + n])
+            at += n + 3
+        pool[name] = base
+        return views
+
+    params = carve("param", torch.float32)
+    exp_avgs = carve("exp_avg", torch.float32)
+    exp_avg_sqs = carve("exp_avg_sq", torch.float32)
+    for p, m, v in zip(params, exp_avgs, exp_avg_sqs):
+        p.copy_(torch.randn(p.shape, generator=gen))
+        m.copy_(torch.randn(m.shape, generator=gen) * 0.1)
+        v.copy_(torch.rand(v.shape, generator=gen) * 1e-2 + 1e-3)
+    steps = [torch.tensor(2.0, device=DEVICE) for _ in sizes]
+    guard = {name: base.clone() for name, base in pool.items()}
+    expected = [(_np(p), {"step": 2, "exp_avg": _np(m), "exp_avg_sq": _np(v)})
+                for p, m, v in zip(params, exp_avgs, exp_avg_sqs)]
+    grads = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
+    adam_step(params, grads, exp_avgs, exp_avg_sqs, None, steps, _adam_hyper(LR0, 0.1, ADAM_MODES["adamw"]),
+              cache={})
+    _ref_adam(expected, grads, LR0, 0.1, ADAM_MODES["adamw"])
+    for i, (p_ref, st) in enumerate(expected):
+        _assert_close(f"param {i}", params[i], p_ref, STEP_TOL[torch.float32])
+        _assert_close(f"exp_avg {i}", exp_avgs[i], st["exp_avg"], STEP_TOL[torch.float32])
+    for name, base in pool.items():
+        outside = torch.ones_like(base, dtype=torch.bool)
+        at = 1
+        for n in sizes:
+            outside[at:at + n] = False
+            at += n + 3
+        assert torch.equal(base[outside], guard[name][outside]), f"{name}: elements outside the views changed"
+
+
+def test_cache_follows_the_tensors():
+    """The cached tables are reused while params and state stay, patched when
+    only the grads move, rebuilt when the tensor list changes; a 0-element
+    tensor still counts its step."""
+    kw = ADAM_MODES["adamw"]
+    shapes = [(7,), (0,), (4097,)]
+    run = AdamRun(seed=8, dtype_id="fp32", amsgrad=False, shapes=shapes, initial_steps=(0, 0, 5))
+    run.step(run.grads(), _adam_hyper(LR0, 0.1, kw))
+    entry = run.cache["triton_adam"]
+    table = entry.table
+    grads = run.grads()  # new tensors: new addresses
+    expected = run.snapshot()
+    _ref_adam(expected, grads, LR0, 0.1, kw)
+    run.step(grads, _adam_hyper(LR0, 0.1, kw))
+    run.check("new grads", expected, STEP_TOL)
+    assert run.cache["triton_adam"] is entry and entry.table is table
+    assert int(entry.host[2, triton_adam.AdamColumn.GRAD]) == grads[2].data_ptr()
+
+    # Another tensor list with the same cache: the first and the last tensor,
+    # swapped.
+    sub = AdamRun(seed=9, dtype_id="fp32", amsgrad=False, shapes=[(4097,), (7,)], initial_steps=(4, 1))
+    for attr in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        lst = getattr(run, attr)
+        setattr(sub, attr, [lst[2], lst[0]])
+    sub.cache = run.cache
+    grads = sub.grads()
+    expected = sub.snapshot()
+    _ref_adam(expected, grads, LR0, 0.1, kw)
+    sub.step(grads, _adam_hyper(LR0, 0.1, kw))
+    sub.check("other list", expected, STEP_TOL)
+    assert run.cache["triton_adam"] is not entry
+    assert run.steps[1].item() == 2.0
+
+
+def test_sgd_first_step_flags_follow_the_call():
+    """first_step is per call: a buffer flagged first is overwritten with g
+    even when the cached table last saw it as old."""
+    kw = SGD_MODES["sgd-momentum-dampening"]
+    run = SgdRun(seed=10, dtype_id="fp32", momentum=True)
+    run.step(run.grads(), _sgd_hyper(LR0, 0.0, kw))
+    run.first = [False, True, False, False]
+    run.bufs[1].fill_(math.nan)
+    grads = run.grads()
+    expected = run.snapshot()
+    _ref_sgd(expected, grads, LR0, 0.0, kw)
+    run.step(grads, _sgd_hyper(LR0, 0.0, kw))
+    run.check("re-flagged", expected, STEP_TOL)
+
+
+@pytest.mark.parametrize("dtype_id", ["bf16", "fp16"])
+def test_16bit_stores_round_to_nearest_even(dtype_id):
+    """A first SGD step with momentum stores buf = g / grad_scale: one float32
+    division, one rounding, no multiply-add that a compiler could contract;
+    so the stored bits must equal torch's round-to-nearest-even conversion,
+    inf and NaN included (a truncating conversion fails about half of them)."""
+    run = SgdRun(seed=16, dtype_id=dtype_id, momentum=True, shapes=[(4097,)])
+    run.first = [True]
+    grads = run.grads()
+    grads[0][:3] = torch.tensor([math.nan, math.inf, -math.inf], dtype=run.dtype)
+    sgd_step(run.params, grads, run.bufs, run.first, _sgd_hyper(LR0, 0.0, SGD_MODES["sgd-momentum-dampening"]),
+             grad_scale=_scalar(3.0))
+    expected = (grads[0].float() / 3.0).to(run.dtype)
+    assert _same_bits(run.bufs[0][3:], expected[3:])
+    assert math.isnan(run.bufs[0][0].item()) and run.bufs[0][1].item() == math.inf
+    assert run.bufs[0][2].item() == -math.inf
+
+
+def test_bad_scalar_tensors_are_rejected():
+    run = AdamRun(seed=11, dtype_id="fp32", amsgrad=False)
+    with pytest.raises(ValueError, match="lr_tensor"):
+        run.step(run.grads(), _adam_hyper(LR0, 0.0, ADAM_MODES["adamw"]),
+                 lr_tensor=torch.tensor([LR0], dtype=torch.float64, device=DEVICE))
+    run.steps[1] = torch.tensor(3, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"steps\[1\]"):
+        run.step(run.grads(), _adam_hyper(LR0, 0.0, ADAM_MODES["adamw"]))
+
+
+# ---------------------------------------------------------------- compiled code, without a GPU
+
+# Run in a fresh interpreter without TRITON_INTERPRET: compiles the kernels
+# ahead of time for an sm_90 target (Triton needs no GPU for that) and prints
+# what the PTX holds. Catches what the interpreter cannot: code that does not
+# compile, approximate sqrt / division, lost vectorisation.
+_AOT_SCRIPT = r"""
+import json, re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fused_adamw.triton_kernels import adam, sgd, _common
+
+PTRS = dict(table="*i64", chunks="*i64", lr_ptr="*fp32", grad_scale_ptr="*fp32", found_inf_ptr="*fp32")
+SCALARS = {"adam": ("lr", "beta1", "beta2", "eps", "weight_decay", "decay_coeff", "log_beta1", "log_beta2"),
+           "sgd": ("lr", "momentum", "dampening", "weight_decay", "decay_coeff")}
+KERNELS = {"adam": adam._adam_kernel, "sgd": sgd._sgd_kernel}
+DT = {"fp32": tl.float32, "fp64": tl.float64, "bf16": tl.bfloat16, "fp16": tl.float16}
+out = {}
+for name, kind, param, state, flags in json.loads(sys.argv[1]):
+    fn = KERNELS[kind]
+    consts = dict(flags, PARAM_DTYPE=DT[param], STATE_DTYPE=DT[state],
+                  MATH=tl.float64 if param == "fp64" else tl.float32, BLOCK=1024, CHUNK=4096)
+    sig = {a: "constexpr" if a in consts else PTRS.get(a, "fp64") for a in fn.arg_names}
+    assert all(sig[a] == "fp64" for a in SCALARS[kind])
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options=_common._GPU.options())
+    ptx = k.asm["ptx"]
+    out[name] = {op: sorted(set(re.findall(op + r"\.[a-z0-9.]+", ptx))) for op in ("sqrt", "div")}
+    out[name]["vector_loads"] = len(re.findall(r"ld\.global[.a-z0-9]*\.v[24]", ptx))
+print(json.dumps(out))
+"""
+
+_ADAM_ALL_FLAGS = dict(AMSGRAD=True, MAXIMIZE=True, USE_L2=True, USE_DECAY=False, HAS_LR_TENSOR=True,
+                       HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True)
+_SGD_ALL_FLAGS = dict(USE_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True, USE_L2=False, USE_DECAY=True,
+                      HAS_LR_TENSOR=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True)
+
+
+def test_kernels_compile_for_cuda_with_ieee_math():
+    import json
+    import subprocess
+    import sys
+
+    cases = [
+        ("adam-fp32", "adam", "fp32", "fp32", _ADAM_ALL_FLAGS),
+        ("adam-bf16-fp32state-unaligned", "adam", "bf16", "fp32", dict(_ADAM_ALL_FLAGS, ALIGNED=False)),
+        ("sgd-fp64", "sgd", "fp64", "fp64", _SGD_ALL_FLAGS),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(cases)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx = json.loads(done.stdout.strip().splitlines()[-1])
+    # IEEE-rounded sqrt and division only, as in the C++ build.
+    for name in ("adam-fp32", "adam-bf16-fp32state-unaligned"):
+        assert ptx[name]["sqrt"] == ["sqrt.rn.f32", "sqrt.rn.f64"], ptx[name]
+        assert ptx[name]["div"] == ["div.rn.f32", "div.rn.f64"], ptx[name]
+    assert ptx["sgd-fp64"]["div"] == ["div.rn.f64"], ptx["sgd-fp64"]
+    # 16-byte vector accesses when every address is aligned; none when not.
+    assert ptx["adam-fp32"]["vector_loads"] >= 5
+    assert ptx["sgd-fp64"]["vector_loads"] >= 3
+    assert ptx["adam-bf16-fp32state-unaligned"]["vector_loads"] == 0
+
+
+# ---------------------------------------------------------------- GPU only
+
+def _compiled_variants(fn) -> int:
+    """How many compiled kernels a @triton.jit function holds (all devices)."""
+    caches = getattr(fn, "device_caches", None)
+    assert caches is not None, "this Triton keeps no device_caches on JIT functions"
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@pytest.mark.gpu
+def test_no_recompile_when_lr_changes():
+    if INTERPRETED:
+        pytest.skip("compiled kernels only (TRITON_INTERPRET is set)")
+    kw = ADAM_MODES["adamw-amsgrad"]
+    run = AdamRun(seed=12, dtype_id="fp32", amsgrad=True)
+    srun = SgdRun(seed=13, dtype_id="fp32", momentum=True)
+    grads, sgrads = run.grads(), srun.grads()
+    run.step(grads, _adam_hyper(_lr(0), 0.1, kw))
+    srun.step(sgrads, _sgd_hyper(_lr(0), 0.1, SGD_MODES["sgdw-momentum"]))
+    counts = [_compiled_variants(f) for f in (triton_adam._adam_kernel, triton_sgd._sgd_kernel)]
+    for k in range(1, 100):
+        run.step(grads, _adam_hyper(_lr(k), 0.1, kw))
+        srun.step(sgrads, _sgd_hyper(_lr(k), 0.1, SGD_MODES["sgdw-momentum"]))
+    torch.cuda.synchronize()
+    assert [_compiled_variants(f) for f in (triton_adam._adam_kernel, triton_sgd._sgd_kernel)] == counts
+    assert run.steps[0].item() == INITIAL_STEPS[0] + 100
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_id", ["fp32", "bf16"])
+def test_cuda_graph_capture_and_replay(dtype_id):
+    """Capturable: lr from a device tensor, steps on the device. A captured
+    step replayed with new lr and grads matches the same steps run eagerly."""
+    if INTERPRETED:
+        pytest.skip("compiled kernels only (TRITON_INTERPRET is set)")
+    kw = ADAM_MODES["adamw-amsgrad"]
+    graphed = AdamRun(seed=14, dtype_id=dtype_id, amsgrad=True)
+    eager = AdamRun(seed=14, dtype_id=dtype_id, amsgrad=True)
+    static_grads = graphed.grads()
+    lr_tensor = _scalar(_lr(0))
+    hyper = _adam_hyper(math.nan, 0.1, kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles, builds the cached tables
+        graphed.step(static_grads, hyper, lr_tensor=lr_tensor)
+    torch.cuda.current_stream().wait_stream(side)
+    eager.step([g.clone() for g in static_grads], hyper, lr_tensor=_scalar(_lr(0)))
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step(static_grads, hyper, lr_tensor=lr_tensor)
+    gen = torch.Generator().manual_seed(15)
+    for k in range(1, 8):
+        new = [_randn(gen, s, graphed.dtype) for s in graphed.shapes]
+        for g, n in zip(static_grads, new):
+            g.copy_(n)
+        lr_tensor.fill_(_lr(k))
+        graph.replay()
+        eager.step(new, hyper, lr_tensor=_scalar(_lr(k)))
+    torch.cuda.synchronize()
+    for a, b in zip(graphed.params + graphed.exp_avgs + graphed.exp_avg_sqs + graphed.max_exp_avg_sqs + graphed.steps,
+                    eager.params + eager.exp_avgs + eager.exp_avg_sqs + eager.max_exp_avg_sqs + eager.steps):
+        assert _same_bits(a, b)
+    assert graphed.steps[0].item() == INITIAL_STEPS[0] + 8

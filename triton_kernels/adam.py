@@ -1,0 +1,227 @@
+"""Triton Adam / AdamW: one launch updates every tensor of a (device, dtype) group.
+
+Follows Loshchilov & Hutter, Algorithm 2 (Adam with L2, line 6; AdamW, line
+12) in torch.optim's parameterisation, as written once in
+csrc/include/fused_adamw/update.h (resolve_adam, adam_update): this kernel
+repeats that order of operations, in float32 (float64 for float64 params),
+with the step-resolved scalars computed in float64 and cast, as resolve_adam
+does. ../shared/DESIGN.md states the rule; python/fused_adamw/hyper.py the
+launcher's contract.
+
+Layout: an int64 address table, one row per tensor (DESIGN.md's Adam table:
+numel, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step addresses), and
+a chunk table of (row, first element); program i updates chunk i. Both live
+on the device and are cached across steps (_common.tables).
+
+Steps: every program reads its tensor's step s from memory and uses t = s + 1;
+a second, tiny launch (_common.bump_steps) then writes s + 1. Stream order
+makes every reader finish before the write, with no atomics, no counters to
+reset and nothing that a CUDA graph replay could leave half done; the price is
+one extra launch of a few microseconds per step.
+
+Run: on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before
+triton is imported (tests/test_triton_kernels.py).
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_adamw.hyper import AdamHyper
+from fused_adamw.triton_kernels import _common
+from fused_adamw.triton_kernels._common import _div, _f64, _load, _sqrt, _store, device_helper
+
+
+class AdamColumn(enum.IntEnum):
+    """Columns of the Adam address table (DESIGN.md, native interface)."""
+    NUMEL = 0
+    PARAM = 1
+    GRAD = 2
+    EXP_AVG = 3
+    EXP_AVG_SQ = 4
+    MAX_EXP_AVG_SQ = 5
+    STEP = 6
+
+
+_NCOLS = len(AdamColumn)
+# The same columns as compile-time constants for the kernel.
+_C_NUMEL = tl.constexpr(AdamColumn.NUMEL.value)
+_C_PARAM = tl.constexpr(AdamColumn.PARAM.value)
+_C_GRAD = tl.constexpr(AdamColumn.GRAD.value)
+_C_EXP_AVG = tl.constexpr(AdamColumn.EXP_AVG.value)
+_C_EXP_AVG_SQ = tl.constexpr(AdamColumn.EXP_AVG_SQ.value)
+_C_MAX_EXP_AVG_SQ = tl.constexpr(AdamColumn.MAX_EXP_AVG_SQ.value)
+_C_STEP = tl.constexpr(AdamColumn.STEP.value)
+_C_NCOLS = tl.constexpr(_NCOLS)
+
+
+@device_helper
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, grad_scale,
+                beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, keep, step_size, bc2_sqrt,
+                MATH: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, USE_L2: tl.constexpr,
+                USE_DECAY: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    """update.h's adam_update on one block of elements."""
+    FP64: tl.constexpr = MATH == tl.float64
+    p = _load(p_ptr, offs, mask, MATH, MASKED)
+    g = _load(g_ptr, offs, mask, MATH, MASKED)
+    m = _load(m_ptr, offs, mask, MATH, MASKED)
+    v = _load(v_ptr, offs, mask, MATH, MASKED)
+    # effective_grad: unscale, flip for maximize, add the L2 term.
+    if HAS_GRAD_SCALE:
+        g = _div(g, grad_scale, FP64)
+    if MAXIMIZE:
+        g = -g
+    if USE_L2:
+        g = g + l2 * p
+    if USE_DECAY:
+        p = p * keep
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    denom_v = v
+    if AMSGRAD:
+        vmax = _load(vmax_ptr, offs, mask, MATH, MASKED)
+        vmax = tl.where(vmax > v, vmax, v)
+        denom_v = vmax
+        _store(vmax_ptr, offs, vmax, mask, MASKED)
+    p = p - _div(step_size * m, _div(_sqrt(denom_v, FP64), bc2_sqrt, FP64) + eps, FP64)
+    _store(p_ptr, offs, p, mask, MASKED)
+    _store(m_ptr, offs, m, mask, MASKED)
+    _store(v_ptr, offs, v, mask, MASKED)
+
+
+@triton.jit
+def _adam_kernel(table, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr,
+                 lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64,
+                 weight_decay: tl.float64, decay_coeff: tl.float64,
+                 log_beta1: tl.float64, log_beta2: tl.float64,
+                 PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, MATH: tl.constexpr,
+                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
+                 HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Program i updates chunk i: CHUNK elements (fewer at a tensor's end) of
+    one tensor, in full BLOCKs without masks, then one masked tail."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    rec = table + row * _C_NCOLS
+    numel = tl.load(rec + _C_NUMEL)
+    p_ptr = tl.load(rec + _C_PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = tl.load(rec + _C_GRAD).to(tl.pointer_type(PARAM_DTYPE))
+    m_ptr = tl.load(rec + _C_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
+    v_ptr = tl.load(rec + _C_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+    vmax_ptr = tl.load(rec + _C_MAX_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        vmax_ptr = tl.multiple_of(vmax_ptr, 16)
+    step_ptr = tl.load(rec + _C_STEP).to(tl.pointer_type(tl.float32))
+
+    # update.h's resolve_adam: float64 scalars, cast once to the math type.
+    # beta ** t is exp(t * log(beta)) with log(beta) from the host: Triton has
+    # no portable pow (libdevice is not available in the interpreter).
+    if HAS_LR_TENSOR:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr64 = _f64(lr)
+    t = tl.load(step_ptr).to(tl.float64) + 1.0
+    step_size = (lr64 / (1.0 - tl.exp(t * _f64(log_beta1)))).to(MATH)
+    bc2_sqrt = tl.sqrt(1.0 - tl.exp(t * _f64(log_beta2))).to(MATH)
+    keep = (1.0 - lr64 * _f64(decay_coeff)).to(MATH)
+    b1 = _f64(beta1).to(MATH)
+    b2 = _f64(beta2).to(MATH)
+    one_minus_beta1 = (1.0 - _f64(beta1)).to(MATH)
+    one_minus_beta2 = (1.0 - _f64(beta2)).to(MATH)
+    eps_m = _f64(eps).to(MATH)
+    l2 = _f64(weight_decay).to(MATH)
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(MATH)
+    else:
+        grad_scale = tl.full([], 1.0, MATH)
+
+    end = tl.minimum(start + CHUNK, numel)
+    if HAS_FOUND_INF:
+        # Inf / NaN in the grads: no element is read or written.
+        end = tl.where(tl.load(found_inf_ptr) == 0, end, start)
+    n_full = (end - start) // BLOCK
+    lanes = tl.arange(0, BLOCK)
+    for i in range(0, n_full):
+        offs = start + i * BLOCK + lanes
+        if ALIGNED:
+            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, grad_scale,
+                    b1, b2, one_minus_beta1, one_minus_beta2, eps_m, l2, keep, step_size, bc2_sqrt,
+                    MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE, False)
+    tail = start + n_full * BLOCK
+    if tail < end:
+        offs = tail + lanes
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, grad_scale,
+                    b1, b2, one_minus_beta1, one_minus_beta2, eps_m, l2, keep, step_size, bc2_sqrt,
+                    MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE, True)
+
+
+def _log(beta: float) -> float:
+    # beta ** t is computed in the kernel as exp(t * log(beta)); beta == 0
+    # (allowed by torch) gives 0 ** t = 0 through exp(-inf).
+    return math.log(beta) if beta > 0.0 else -math.inf
+
+
+def adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+              exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+              max_exp_avg_sqs: Optional[Sequence[torch.Tensor]], steps: Sequence[torch.Tensor],
+              hyper: AdamHyper, *, lr_tensor: Optional[torch.Tensor] = None,
+              grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+              cache: Optional[dict] = None) -> None:
+    """One Adam / AdamW step over all tensors (the contract of hyper.py)."""
+    n = len(params)
+    if n == 0:
+        return
+    device = params[0].device
+    config = _common.launch_config(device)
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        _common.check_scalar(name, t, device)
+    if hyper.amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    param_dtype = params[0].dtype
+    state_dtype = exp_avgs[0].dtype
+    math_dtype = tl.float64 if param_dtype == torch.float64 else tl.float32
+
+    t = _common.tables(
+        cache, "triton_adam", device, config,
+        numels=[p.numel() for p in params],
+        fixed_cols={
+            AdamColumn.PARAM: _common.ptrs(params, n),
+            AdamColumn.EXP_AVG: _common.ptrs(exp_avgs, n),
+            AdamColumn.EXP_AVG_SQ: _common.ptrs(exp_avg_sqs, n),
+            AdamColumn.MAX_EXP_AVG_SQ: _common.ptrs(max_exp_avg_sqs if hyper.amsgrad else None, n),
+            AdamColumn.STEP: _common.ptrs(steps, n),
+        },
+        varying_cols={AdamColumn.GRAD: _common.ptrs(grads, n)},
+        ncols=_NCOLS, validate=lambda: _common.check_steps(steps, device),
+    )
+    n_chunks = t.chunks.shape[0]
+    if n_chunks > 0:
+        dummy = t.table  # stands in for absent scalar tensors; never read
+        _adam_kernel[(n_chunks,)](
+            t.table, t.chunks,
+            lr_tensor if lr_tensor is not None else dummy,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            float(hyper.lr), float(hyper.beta1), float(hyper.beta2), float(hyper.eps),
+            float(hyper.weight_decay), float(hyper.decay_coeff),
+            _log(float(hyper.beta1)), _log(float(hyper.beta2)),
+            PARAM_DTYPE=_common.TL_DTYPE[param_dtype], STATE_DTYPE=_common.TL_DTYPE[state_dtype], MATH=math_dtype,
+            AMSGRAD=bool(hyper.amsgrad), MAXIMIZE=bool(hyper.maximize),
+            USE_L2=(not hyper.decoupled) and hyper.weight_decay != 0.0,
+            USE_DECAY=bool(hyper.decoupled) and hyper.decay_coeff != 0.0,
+            HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, ALIGNED=t.aligned,
+            BLOCK=config.block, CHUNK=config.chunk, **config.options(),
+        )
+    _common.bump_steps(t, n, found_inf, _NCOLS, int(AdamColumn.STEP))
