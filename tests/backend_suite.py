@@ -1,0 +1,395 @@
+"""The correctness suite every backend passes, through the public classes.
+
+A test module runs it for one backend by setting BACKEND, DEVICE and SIZES and
+importing everything from here (see test_adam_cpu.py). Oracles:
+
+  * fused_adamw.reference (float64), for every mode x dtype x size, over
+    STEPS steps with an LR scheduler changing lr every step, params and state;
+  * torch.optim in the same dtype: for float32/float64 the trajectories agree
+    within TOL; for 16-bit storage the rule of STYLE.md, our max error against
+    the reference is at most twice torch's (or one rounding unit of the largest
+    value, where torch happens to be exact); modes that torch lacks (SGDW,
+    decay_scaling="schedule") get the worst-case rounding bound instead:
+    one half-unit per step;
+  * state-dict round trips with torch.optim in the middle of a run.
+
+Data: fresh random params and grads from a seeded generator, never zeros;
+each call updates several tensors of different sizes and shapes at once.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numpy as np
+import pytest
+import torch
+
+import fused_adamw as fa
+from fused_adamw import reference
+
+STEPS = 20
+
+# id -> (param dtype, state_dtype keyword)
+DTYPES = {
+    "fp32": (torch.float32, None),
+    "fp64": (torch.float64, None),
+    "bf16": (torch.bfloat16, None),
+    "fp16": (torch.float16, None),
+    "bf16-fp32state": (torch.bfloat16, torch.float32),
+    "fp16-fp32state": (torch.float16, torch.float32),
+}
+# float32/float64 against the reference: (rtol, atol per unit of the largest |value|).
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}
+# Relative size of one rounding unit (2**-mantissa bits) of the 16-bit types.
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+ADAM_COMMON = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+FP16_EPS = 1e-4
+SGD_COMMON = dict(lr=5e-2)
+
+# id -> (class name, keywords)
+ADAM_MODES = {
+    "adamw": ("AdamW", dict(weight_decay=0.1)),
+    "adamw-nowd": ("AdamW", dict(weight_decay=0.0)),
+    "adam-l2": ("Adam", dict(weight_decay=0.1)),
+    "adamw-amsgrad": ("AdamW", dict(weight_decay=0.1, amsgrad=True)),
+    "adam-l2-amsgrad-maximize": ("Adam", dict(weight_decay=0.05, amsgrad=True, maximize=True)),
+    "adamw-maximize": ("AdamW", dict(weight_decay=0.1, maximize=True)),
+    "adamw-schedule": ("AdamW", dict(weight_decay=0.1, decay_scaling="schedule")),
+}
+SGD_MODES = {
+    "sgd": ("SGD", dict()),
+    "sgd-l2": ("SGD", dict(weight_decay=0.1)),
+    "sgd-momentum-l2": ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.1)),
+    "sgd-nesterov-maximize": ("SGD", dict(momentum=0.9, nesterov=True, weight_decay=0.05, maximize=True)),
+    "sgdw-momentum": ("SGDW", dict(momentum=0.9, weight_decay=0.1)),
+    "sgdw-schedule": ("SGDW", dict(momentum=0.8, dampening=0.2, weight_decay=0.1, decay_scaling="schedule")),
+}
+TORCH_TWIN = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def lr_factor(epoch: int) -> float:
+    return 0.9 ** epoch
+
+
+# ---------------------------------------------------------------- helpers
+
+@functools.lru_cache(maxsize=16)
+def make_data(size: int, seed: int, steps: int = STEPS):
+    """Initial params (float64) of several shapes and per-step grads; cached,
+    since every mode x dtype of a size draws the same data (callers copy)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(size,), (3, 5), (129,)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * (0.5 + j) for j, s in enumerate(shapes)]
+             for _ in range(steps)]
+    return init, grads
+
+
+def run_optimizer(cls, kw, init, grads, dtype, device, *, sched=True):
+    """Run `cls` over the data; returns (params, optimizer, lr of each step)."""
+    params = [p.to(device=device, dtype=dtype).clone().requires_grad_() for p in init]
+    opt = cls(params, **kw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) if sched else None
+    lrs = []
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.to(device=device, dtype=dtype)
+        lrs.append(float(opt.param_groups[0]["lr"]))
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return params, opt, lrs
+
+
+def reference_kwargs(cls_name: str, kw: dict) -> dict:
+    ref = {k: v for k, v in kw.items() if k not in ("lr",)}
+    ref["decoupled"] = cls_name in ("AdamW", "SGDW")
+    return ref
+
+
+def run_reference(cls_name, kw, init, grads, dtype, lrs):
+    """The float64 oracle, fed the same dtype-rounded params and grads."""
+    step = reference.adam_step if cls_name.startswith("Adam") else reference.sgd_step
+    ref_kw = reference_kwargs(cls_name, kw)
+    ps = [p.to(dtype).double().numpy().copy() for p in init]
+    states = [{} for _ in ps]
+    for lr, gs in zip(lrs, grads):
+        for p, g, s in zip(ps, gs, states):
+            step(p, g.to(dtype).double().numpy(), s, lr=lr, initial_lr=kw["lr"], **ref_kw)
+    return ps, states
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, dtype, what: str, torch_val=None, steps=STEPS):
+    if dtype in TOL:
+        # atol scales with the largest magnitude: an element that is a small
+        # difference of large terms (a momentum buffer) carries their rounding.
+        rtol, atol = TOL[dtype]
+        scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+        np.testing.assert_allclose(ours, ref, rtol=rtol, atol=atol * scale, err_msg=what)
+        return
+    err = float(np.max(np.abs(ours - ref)))
+    scale = float(np.max(np.abs(ref))) or 1.0
+    torch_err = float(np.max(np.abs(torch_val - ref))) if torch_val is not None else math.nan
+    if math.isfinite(torch_err):
+        bound = max(2.0 * torch_err, ULP[dtype] * scale)
+        assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (torch's error {torch_err:.3g})"
+    else:  # no torch twin, or torch itself overflowed (fp16 Adam: eps=1e-8 underflows to 0)
+        bound = steps * 0.5 * ULP[dtype] * scale
+        assert err <= bound, f"{what}: error {err:.3g} > {steps} half-units {bound:.3g}"
+
+
+def check_against_oracles(cls_name, kw, size, dtype_id, backend, device, seed):
+    dtype, state_dtype = DTYPES[dtype_id]
+    if dtype == torch.float16 and "eps" in kw:
+        # eps=1e-8 is below float16's smallest subnormal: torch's float16 Adam
+        # then divides by zero (inf/nan), leaving no error to compare against.
+        kw = dict(kw, eps=FP16_EPS)
+    init, grads = make_data(size, seed)
+    cls = getattr(fa, cls_name)
+    params, opt, lrs = run_optimizer(cls, dict(kw, backend=backend, state_dtype=state_dtype), init, grads,
+                                     dtype, device)
+    ref_p, ref_s = run_reference(cls_name, kw, init, grads, dtype, lrs)
+    twin = TORCH_TWIN.get(cls_name)
+    torch_params = torch_opt = None
+    if dtype not in TOL and twin is not None and kw.get("decay_scaling", "lr") == "lr":
+        torch_kw = {k: v for k, v in kw.items() if k != "decay_scaling"}
+        torch_params, torch_opt, _ = run_optimizer(twin, torch_kw, init, grads, dtype, "cpu")
+    # The low-precision rule compares max errors, so it is applied to all the
+    # tensors of the call together: a single element's error is a coin flip.
+    def cat(arrays):
+        return np.concatenate([a.ravel() for a in arrays])
+
+    def theirs(key):
+        if torch_opt is None:
+            return None
+        if key == "param":
+            return cat([_np(q) for q in torch_params])
+        return cat([_np(torch_opt.state[q][key]) for q in torch_params])
+
+    assert_close(cat([_np(p) for p in params]), cat(ref_p), dtype, "params", theirs("param"))
+    for key in ref_s[0]:
+        if key == "step":
+            assert all(float(opt.state[p]["step"]) == s["step"] for p, s in zip(params, ref_s)), "step"
+            continue
+        ours = [opt.state[p][key] for p in params]
+        assert all(t.dtype == (state_dtype or dtype) for t in ours), f"{key} dtype"
+        assert_close(cat([_np(t) for t in ours]), cat([s[key] for s in ref_s]), dtype, key, theirs(key))
+
+
+# ---------------------------------------------------------------- the suite
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("mode", list(ADAM_MODES))
+def test_adam_against_reference(backend, device, mode, dtype_id, size):
+    cls_name, kw = ADAM_MODES[mode]
+    check_against_oracles(cls_name, dict(ADAM_COMMON, **kw), size, dtype_id, backend, device, seed=size)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("mode", list(SGD_MODES))
+def test_sgd_against_reference(backend, device, mode, dtype_id, size):
+    cls_name, kw = SGD_MODES[mode]
+    check_against_oracles(cls_name, dict(SGD_COMMON, **kw), size, dtype_id, backend, device, seed=size)
+
+
+@pytest.mark.parametrize("mode", ["adamw", "adam-l2", "adamw-amsgrad", "adam-l2-amsgrad-maximize",
+                                  "sgd-momentum-l2", "sgd-nesterov-maximize"])
+@pytest.mark.parametrize("dtype_id", ["fp32", "fp64"])
+def test_trajectory_matches_torch_optim(backend, device, mode, dtype_id):
+    """Same dtype, same data: our params and state track torch.optim's."""
+    cls_name, kw = {**ADAM_MODES, **SGD_MODES}[mode]
+    kw = dict(ADAM_COMMON if cls_name.startswith("Adam") else SGD_COMMON, **kw)
+    dtype = DTYPES[dtype_id][0]
+    init, grads = make_data(257, seed=7)
+    ours, o_opt, _ = run_optimizer(getattr(fa, cls_name), dict(kw, backend=backend), init, grads, dtype, device)
+    theirs, t_opt, _ = run_optimizer(TORCH_TWIN[cls_name], kw, init, grads, dtype, "cpu")
+    rtol, atol = TOL[dtype]
+    for p, q in zip(ours, theirs):
+        np.testing.assert_allclose(_np(p), _np(q), rtol=rtol, atol=atol)
+        for key, val in t_opt.state[q].items():
+            np.testing.assert_allclose(_np(o_opt.state[p][key]), _np(val), rtol=rtol, atol=atol, err_msg=key)
+
+
+@pytest.mark.parametrize("cls_name", ["AdamW", "Adam", "SGD"])
+def test_state_dict_round_trip_with_torch(backend, device, cls_name):
+    """torch -> ours -> torch mid-run continues exactly like torch throughout."""
+    kw = dict(ADAM_COMMON, weight_decay=0.1, amsgrad=True) if cls_name.startswith("Adam") else \
+        dict(SGD_COMMON, momentum=0.9, dampening=0.1, weight_decay=0.1)
+    init, grads = make_data(65, seed=11, steps=18)
+    dtype = torch.float64
+
+    def run(params, opt, gs):
+        for g_step in gs:
+            for p, g in zip(params, g_step):
+                p.grad = g.to(device=device, dtype=dtype)
+            opt.step()
+
+    whole_p = [p.to(dtype).clone().requires_grad_() for p in init]
+    whole = TORCH_TWIN[cls_name](whole_p, **kw)
+    run(whole_p, whole, grads)
+
+    params = [p.to(device=device, dtype=dtype).clone().requires_grad_() for p in init]
+    t1 = TORCH_TWIN[cls_name](params, **kw)
+    run(params, t1, grads[:6])
+    ours = getattr(fa, cls_name)(params, **kw, backend=backend)
+    ours.load_state_dict(t1.state_dict())
+    run(params, ours, grads[6:12])
+    t2 = TORCH_TWIN[cls_name](params, **kw)
+    t2.load_state_dict(ours.state_dict())
+    run(params, t2, grads[12:])
+    for p, q in zip(params, whole_p):
+        np.testing.assert_allclose(_np(p), _np(q), rtol=1e-10, atol=1e-12)
+        for key, val in whole.state[q].items():
+            np.testing.assert_allclose(_np(t2.state[p][key]), _np(val), rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+def test_amp_grad_scale_and_found_inf(backend, device):
+    """GradScaler's protocol: grads divided by grad_scale; found_inf != 0
+    leaves params, state and step counts untouched."""
+    init, grads = make_data(33, seed=5, steps=4)
+    kw = dict(ADAM_COMMON, weight_decay=0.1, backend=backend)
+    plain, p_opt, _ = run_optimizer(fa.AdamW, kw, init, grads, torch.float32, device, sched=False)
+
+    params = [p.to(device=device, dtype=torch.float32).clone().requires_grad_() for p in init]
+    opt = fa.AdamW(params, **kw)
+    scale = torch.tensor(1024.0, device=device)
+    for i, gs in enumerate(grads):
+        for p, g in zip(params, gs):
+            p.grad = (g * 1024.0).to(device=device, dtype=torch.float32)
+        opt.grad_scale, opt.found_inf = scale, torch.zeros((), device=device)
+        opt.step()
+        if i == 1:  # an overflowing step in the middle: must change nothing
+            before = [p.detach().clone() for p in params]
+            state_before = {k: [opt.state[p][k].clone() for p in params] for k in ("step", "exp_avg", "exp_avg_sq")}
+            for p in params:
+                p.grad = torch.full_like(p, float("inf"))
+            opt.found_inf = torch.ones((), device=device)
+            opt.step()
+            for p, b in zip(params, before):
+                assert torch.equal(p.detach(), b)
+            for k, vals in state_before.items():
+                for p, v in zip(params, vals):
+                    assert torch.equal(opt.state[p][k], v), k
+        del opt.grad_scale, opt.found_inf
+    for p, q in zip(params, plain):
+        np.testing.assert_allclose(_np(p), _np(q), rtol=1e-6, atol=1e-7)
+
+
+def test_per_tensor_step_counts(backend, device):
+    """A param whose grads start later has its own step count and bias correction."""
+    init, grads = make_data(17, seed=3, steps=8)
+    kw = dict(ADAM_COMMON, weight_decay=0.1)
+    params = [p.to(device=device, dtype=torch.float64).clone().requires_grad_() for p in init]
+    opt = fa.AdamW(params, **kw, backend=backend)
+    ref_p = [p.double().numpy().copy() for p in init]
+    ref_s = [{} for _ in init]
+    for t, gs in enumerate(grads):
+        for j, (p, g) in enumerate(zip(params, gs)):
+            late = j == 1 and t < 3
+            p.grad = None if late else g.to(device=device, dtype=torch.float64)
+            if not late:
+                reference.adam_step(ref_p[j], g.numpy(), ref_s[j], lr=kw["lr"], betas=kw["betas"], eps=kw["eps"],
+                                    weight_decay=0.1, decoupled=True)
+        opt.step()
+    assert float(opt.state[params[1]]["step"]) == len(grads) - 3
+    for p, r in zip(params, ref_p):
+        np.testing.assert_allclose(_np(p), r, rtol=1e-10, atol=1e-12)
+
+
+def test_lr_tensor_equals_float(backend, device):
+    init, grads = make_data(9, seed=4, steps=5)
+    a, _, _ = run_optimizer(fa.AdamW, dict(ADAM_COMMON, backend=backend), init, grads, torch.float32, device)
+    kw = dict(ADAM_COMMON, backend=backend, lr=torch.tensor(ADAM_COMMON["lr"]))
+    b, _, _ = run_optimizer(fa.AdamW, kw, init, grads, torch.float32, device)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q)
+
+
+def test_two_groups_two_dtypes(backend, device):
+    """One optimizer, one fp32 group and one bf16 group with fp32 state."""
+    init, grads = make_data(100, seed=8, steps=6)
+    p32 = [init[0].to(device=device, dtype=torch.float32).clone().requires_grad_()]
+    p16 = [init[1].to(device=device, dtype=torch.bfloat16).clone().requires_grad_()]
+    opt = fa.AdamW([{"params": p32}, {"params": p16, "state_dtype": torch.float32, "lr": 2e-2}],
+                   **ADAM_COMMON, weight_decay=0.1, backend=backend)
+    ref = [p32[0].detach().double().cpu().numpy().copy(), p16[0].detach().double().cpu().numpy().copy()]
+    states = [{}, {}]
+    for gs in grads:
+        p32[0].grad = gs[0].to(device=device, dtype=torch.float32)
+        p16[0].grad = gs[1].to(device=device, dtype=torch.bfloat16)
+        for j, (r, lr, g) in enumerate(zip(ref, (1e-2, 2e-2), (p32[0].grad, p16[0].grad))):
+            reference.adam_step(r, _np(g), states[j], lr=lr, betas=ADAM_COMMON["betas"], eps=1e-8,
+                                weight_decay=0.1, decoupled=True)
+        opt.step()
+    assert opt.state[p16[0]]["exp_avg"].dtype == torch.float32
+    np.testing.assert_allclose(_np(p32[0]), ref[0], rtol=2e-5, atol=2e-6)
+    assert_close(_np(p16[0]), ref[1], torch.bfloat16, "bf16 group", steps=len(grads))
+
+
+def test_params_without_grad_are_untouched(backend, device):
+    a = torch.randn(10, device=device, requires_grad=True)
+    b = torch.randn(10, device=device, requires_grad=True)
+    b0 = b.detach().clone()
+    opt = fa.AdamW([a, b], backend=backend)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    assert torch.equal(b.detach(), b0)
+    assert len(opt.state[b]) == 0
+
+
+def test_channels_last_and_complex_params(backend, device):
+    """Dense non-contiguous layouts update in storage order; complex params
+    through their real view, as torch.optim does."""
+    gen = torch.Generator().manual_seed(9)
+    conv = torch.randn(4, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last)
+    cplx = torch.randn(6, dtype=torch.complex64, generator=gen)
+    ours = [conv.clone(memory_format=torch.preserve_format).to(device).requires_grad_(),
+            cplx.clone().to(device).requires_grad_()]
+    theirs = [conv.clone(memory_format=torch.preserve_format).requires_grad_(), cplx.clone().requires_grad_()]
+    o = fa.AdamW(ours, **ADAM_COMMON, weight_decay=0.1, backend=backend)
+    t = torch.optim.AdamW(theirs, **ADAM_COMMON, weight_decay=0.1)
+    for _ in range(5):
+        gs = [torch.randn(conv.shape, generator=gen).to(memory_format=torch.channels_last),
+              torch.randn(6, dtype=torch.complex64, generator=gen)]
+        for p, q, g in zip(ours, theirs, gs):
+            p.grad = g.to(device)
+            q.grad = g.clone()
+        o.step()
+        t.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_large_count_of_small_tensors(backend, device):
+    """Many tensors in one call: the chunk list spans all of them."""
+    gen = torch.Generator().manual_seed(12)
+    init = [torch.randn(int(n), generator=gen, dtype=torch.float64) for n in torch.randint(1, 40, (300,), generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in init] for _ in range(3)]
+    params, _, lrs = run_optimizer(fa.AdamW, dict(ADAM_COMMON, weight_decay=0.1, backend=backend), init, grads,
+                                   torch.float32, device)
+    ref_p, _ = run_reference("AdamW", dict(ADAM_COMMON, weight_decay=0.1), init, grads, torch.float32, lrs)
+    for p, r in zip(params, ref_p):
+        np.testing.assert_allclose(_np(p), r, rtol=2e-5, atol=2e-6)
+
+
+__all__ = [name for name in dir() if name.startswith("test_")]
+
+
+@pytest.fixture
+def device(request):
+    return getattr(request.module, "DEVICE", "cpu")
+
+
+@pytest.fixture
+def backend(request):
+    return request.module.BACKEND
+
+
+__all__ += ["device", "backend"]
