@@ -59,8 +59,22 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("FUSED_ADAMW_BUILD_JOBS", str(os.cpu_count() or 2))
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
-        built = sorted(p.name for p in out_dir.glob("_c*.so")) + sorted(p.name for p in out_dir.glob("_c*.pyd"))
-        print(f"fused_adamw: built {', '.join(built) or 'nothing'} into {out_dir}", flush=True)
+        print(f"fused_adamw: built {', '.join(p.name for p in self._built(out_dir)) or 'nothing'} into {out_dir}",
+              flush=True)
+
+    @staticmethod
+    def _built(folder: Path) -> list[Path]:
+        return sorted(p for pattern in ("_c*.so", "_c*.pyd") for p in folder.glob(pattern))
+
+    def copy_extensions_to_source(self) -> None:
+        """Editable installs copy the declared extension (_cpu) into the source
+        tree; _cuda comes from the same CMake run but is declared nowhere (it
+        exists only where nvcc does), so it is copied here too."""
+        super().copy_extensions_to_source()
+        built_dir = Path(self.build_lib) / "fused_adamw"
+        package_dir = Path(self.get_finalized_command("build_py").get_package_dir("fused_adamw"))
+        for module in self._built(built_dir):
+            shutil.copy2(module, package_dir / module.name)
 
 
 setup(

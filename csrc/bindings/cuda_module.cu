@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "multi_tensor.cuh"
+#include "hyper_bindings.h"
 
 namespace py = pybind11;
 
@@ -190,65 +191,7 @@ PYBIND11_MODULE(_cuda, m) {
   using fused_adamw::SgdHyper;
   m.doc() = "fused_adamw CUDA kernels (see python/fused_adamw/backend_cuda.py)";
 
-  const AdamHyper ad;
-  // module_local: _cpu binds the same C++ struct, and pybind11 refuses a
-  // second global registration of one type.
-  py::class_<AdamHyper>(m, "AdamHyper", py::module_local(), "Adam/AdamW hyperparameters of one step (update.h)")
-      .def(py::init([](double lr, double beta1, double beta2, double eps, double weight_decay, double decay_coeff,
-                       bool decoupled, bool amsgrad, bool maximize) {
-             AdamHyper h;
-             h.lr = lr;
-             h.beta1 = beta1;
-             h.beta2 = beta2;
-             h.eps = eps;
-             h.weight_decay = weight_decay;
-             h.decay_coeff = decay_coeff;
-             h.decoupled = decoupled;
-             h.amsgrad = amsgrad;
-             h.maximize = maximize;
-             return h;
-           }),
-           py::kw_only(), py::arg("lr") = ad.lr, py::arg("beta1") = ad.beta1, py::arg("beta2") = ad.beta2,
-           py::arg("eps") = ad.eps, py::arg("weight_decay") = ad.weight_decay,
-           py::arg("decay_coeff") = ad.decay_coeff, py::arg("decoupled") = ad.decoupled,
-           py::arg("amsgrad") = ad.amsgrad, py::arg("maximize") = ad.maximize)
-      .def_readwrite("lr", &AdamHyper::lr)
-      .def_readwrite("beta1", &AdamHyper::beta1)
-      .def_readwrite("beta2", &AdamHyper::beta2)
-      .def_readwrite("eps", &AdamHyper::eps)
-      .def_readwrite("weight_decay", &AdamHyper::weight_decay)
-      .def_readwrite("decay_coeff", &AdamHyper::decay_coeff)
-      .def_readwrite("decoupled", &AdamHyper::decoupled)
-      .def_readwrite("amsgrad", &AdamHyper::amsgrad)
-      .def_readwrite("maximize", &AdamHyper::maximize);
-
-  const SgdHyper sd;
-  py::class_<SgdHyper>(m, "SgdHyper", py::module_local(), "SGD/SGDW hyperparameters of one step (update.h)")
-      .def(py::init([](double lr, double momentum, double dampening, double weight_decay, double decay_coeff,
-                       bool decoupled, bool nesterov, bool maximize) {
-             SgdHyper h;
-             h.lr = lr;
-             h.momentum = momentum;
-             h.dampening = dampening;
-             h.weight_decay = weight_decay;
-             h.decay_coeff = decay_coeff;
-             h.decoupled = decoupled;
-             h.nesterov = nesterov;
-             h.maximize = maximize;
-             return h;
-           }),
-           py::kw_only(), py::arg("lr") = sd.lr, py::arg("momentum") = sd.momentum,
-           py::arg("dampening") = sd.dampening, py::arg("weight_decay") = sd.weight_decay,
-           py::arg("decay_coeff") = sd.decay_coeff, py::arg("decoupled") = sd.decoupled,
-           py::arg("nesterov") = sd.nesterov, py::arg("maximize") = sd.maximize)
-      .def_readwrite("lr", &SgdHyper::lr)
-      .def_readwrite("momentum", &SgdHyper::momentum)
-      .def_readwrite("dampening", &SgdHyper::dampening)
-      .def_readwrite("weight_decay", &SgdHyper::weight_decay)
-      .def_readwrite("decay_coeff", &SgdHyper::decay_coeff)
-      .def_readwrite("decoupled", &SgdHyper::decoupled)
-      .def_readwrite("nesterov", &SgdHyper::nesterov)
-      .def_readwrite("maximize", &SgdHyper::maximize);
+  fused_adamw::bind_hyper_structs(m);
 
   py::class_<fc::Workspace>(m, "Workspace",
                             "Device memory holding one (device, dtype) group's tables across steps. Creating one "

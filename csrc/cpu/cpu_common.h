@@ -1,6 +1,6 @@
 // cpu_common.h: what the CPU kernels (csrc/cpu/*_cpu.cpp, compiled once per
 // instruction set) and the binding (csrc/bindings/cpu_module.cpp, compiled
-// once) share: the address-table columns, the work plan, and the description
+// once) share: the work plan, and the description
 // of one call that the binding hands to a kernel.
 //
 // Only plain data and declarations live here. The kernels are compiled with
@@ -15,32 +15,11 @@
 
 #include <cstdint>
 
+#include <fused_adamw/table.h>
 #include <fused_adamw/update.h>
 
 namespace fused_adamw {
 namespace cpu {
-
-// Columns of the Adam address table: C-contiguous int64 [n_tensors, kAdamCols].
-enum AdamCol : int64_t {
-  kAdamNumel = 0,
-  kAdamParam = 1,
-  kAdamGrad = 2,
-  kAdamExpAvg = 3,
-  kAdamExpAvgSq = 4,
-  kAdamMaxExpAvgSq = 5,  // 0 unless amsgrad
-  kAdamStep = 6,         // a float32 scalar, incremented by every call
-  kAdamCols = 7,
-};
-
-// Columns of the SGD address table: int64 [n_tensors, kSgdCols].
-enum SgdCol : int64_t {
-  kSgdNumel = 0,
-  kSgdParam = 1,
-  kSgdGrad = 2,
-  kSgdMomentumBuffer = 3,  // 0 when momentum == 0
-  kSgdFirstStep = 4,       // 1: the buffer was just allocated, set buf = g
-  kSgdCols = 5,
-};
 
 // Elements per work unit. A unit is what one OpenMP thread takes at a time:
 // big enough that the dynamic schedule's atomic and the per-segment setup

@@ -41,17 +41,8 @@ struct BFloat16 {
 };
 static_assert(sizeof(Half) == 2 && sizeof(BFloat16) == 2, "16-bit storage types must be 2 bytes");
 
-// The math type of a storage type: float, or double for float64.
 template <typename T>
-struct MathOf {
-  using type = float;
-};
-template <>
-struct MathOf<double> {
-  using type = double;
-};
-template <typename T>
-using math_t = typename MathOf<T>::type;
+using math_t = typename fused_adamw::MathOf<T>::type;
 
 template <typename T>
 inline T* at(int64_t address) {

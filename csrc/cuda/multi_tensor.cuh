@@ -43,6 +43,7 @@
 #include <string>
 #include <vector>
 
+#include <fused_adamw/table.h>
 #include <fused_adamw/update.h>
 
 namespace fused_adamw {
@@ -51,28 +52,6 @@ namespace cuda {
 // ------------------------------------------------------------------ tables
 
 enum class Algorithm : int32_t { kAdam = 0, kSgd = 1 };
-
-// Columns of the Adam address table: C-contiguous int64 [n_tensors, kAdamCols].
-enum AdamCol : int64_t {
-  kAdamNumel = 0,
-  kAdamParam = 1,
-  kAdamGrad = 2,
-  kAdamExpAvg = 3,
-  kAdamExpAvgSq = 4,
-  kAdamMaxExpAvgSq = 5,  // 0 unless amsgrad
-  kAdamStep = 6,         // a float32 scalar on the device
-  kAdamCols = 7,
-};
-
-// Columns of the SGD address table: int64 [n_tensors, kSgdCols].
-enum SgdCol : int64_t {
-  kSgdNumel = 0,
-  kSgdParam = 1,
-  kSgdGrad = 2,
-  kSgdMomentumBuffer = 3,  // 0 when momentum == 0
-  kSgdFirstStep = 4,       // 1: the buffer was just allocated, set buf = g
-  kSgdCols = 5,
-};
 
 // Pointer slots of a TensorRecord.
 enum Slot : int32_t {
@@ -236,16 +215,6 @@ void launch_sgd(DType param, DType state, const DeviceTables& tables, const SgdH
 // ------------------------------------------------------------------ device helpers
 
 #if defined(__CUDACC__)
-
-// The math type: fp32, fp64 for fp64 storage.
-template <typename T>
-struct MathOf {
-  using type = float;
-};
-template <>
-struct MathOf<double> {
-  using type = double;
-};
 
 // Storage <-> math conversions (round to nearest even on the way back).
 template <typename T>

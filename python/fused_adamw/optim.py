@@ -225,6 +225,19 @@ def _same(t):
     return t
 
 
+class _AlwaysDecoupled:
+    """AdamW and SGDW decouple their decay whatever a loaded state dict says
+    (torch's AdamW keeps the same guarantee)."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+    def _fixed_decoupled(self) -> bool:
+        return True
+
+
 class Adam(_FusedOptimizer):
     """torch.optim.Adam's interface (L2 decay unless decoupled_weight_decay=True),
     fused. Extra keywords: decay_scaling, state_dtype, backend."""
@@ -305,7 +318,7 @@ class Adam(_FusedOptimizer):
         return loss
 
 
-class AdamW(Adam):
+class AdamW(_AlwaysDecoupled, Adam):
     """torch.optim.AdamW (Algorithm 2 with decoupled decay), fused.
 
     decay_scaling="lr" (default) decays by lr * weight_decay like torch;
@@ -321,14 +334,6 @@ class AdamW(Adam):
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, decay_scaling=decay_scaling,
                          state_dtype=state_dtype, backend=backend)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
-
-    def _fixed_decoupled(self) -> bool:
-        return True
 
 
 class SGD(_FusedOptimizer):
@@ -408,7 +413,7 @@ class SGD(_FusedOptimizer):
         return loss
 
 
-class SGDW(SGD):
+class SGDW(_AlwaysDecoupled, SGD):
     """SGD with decoupled weight decay (Algorithm 1, SGDW): p <- p*(1 - d) - lr*update,
     d = lr * weight_decay ("lr") or eta_t * weight_decay ("schedule")."""
 
@@ -421,11 +426,3 @@ class SGDW(SGD):
                          foreach=foreach, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, decay_scaling=decay_scaling,
                          state_dtype=state_dtype, backend=backend)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
-
-    def _fixed_decoupled(self) -> bool:
-        return True

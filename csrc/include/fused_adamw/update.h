@@ -37,6 +37,17 @@ enum class DType : int32_t {
   kBFloat16 = 3,
 };
 
+// The math type of a storage type: float for float32, float16 and bfloat16
+// storage, double for float64. (A type alias only: no code to emit.)
+template <typename T>
+struct MathOf {
+  using type = float;
+};
+template <>
+struct MathOf<double> {
+  using type = double;
+};
+
 // Adam / AdamW hyperparameters of one step() call.
 struct AdamHyper {
   double lr = 1e-3;          // the group's learning rate (alpha * eta_t)
