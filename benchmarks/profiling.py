@@ -5,8 +5,9 @@ Writes DIR/trace_<provider>_<workload>.json (Chrome trace format: open in
 chrome://tracing or https://ui.perfetto.dev). The summary counts, per step:
   GPU: CUDA kernels launched (memcpy/memset excluded) and their mean time;
   CPU: top-level aten ops (aten ops not called from another aten op) and
-       their mean time; a native call that runs no aten op is invisible here,
-       but the host time still counts it;
+       fused_adamw's backend calls (the record_function ranges dispatch.py
+       puts around each one, "fused_adamw::<backend>::<algo>_step"; aten ops
+       inside them are not counted again), and their mean time;
   both: host time of the step (wall time of the record_function range
         around opt.step()).
 Named profiling.py, not profile.py, so as not to shadow the standard library
@@ -34,10 +35,13 @@ def _in_step(evt) -> bool:
     return False
 
 
-def _has_aten_ancestor(evt) -> bool:
+_OP_PREFIXES = ("aten::", "fused_adamw::")
+
+
+def _has_op_ancestor(evt) -> bool:
     parent = evt.cpu_parent
     while parent is not None:
-        if parent.name.startswith("aten::"):
+        if parent.name.startswith(_OP_PREFIXES):
             return True
         parent = parent.cpu_parent
     return False
@@ -66,9 +70,9 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int,
                and not e.name.startswith(("Memcpy", "Memset"))]
         what = "CUDA kernels"
     else:
-        ops = [e for e in events if e.name.startswith("aten::")
-               and not _has_aten_ancestor(e) and _in_step(e)]
-        what = "top-level aten ops"
+        ops = [e for e in events if e.name.startswith(_OP_PREFIXES)
+               and not _has_op_ancestor(e) and _in_step(e)]
+        what = "top-level aten ops and fused_adamw calls"
     names = collections.Counter(e.name for e in ops)
     total_us = sum(e.time_range.elapsed_us() for e in ops)
     return {

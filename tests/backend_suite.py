@@ -332,6 +332,23 @@ def test_two_groups_two_dtypes(backend, device):
     assert_close(_np(p16[0]), ref[1], torch.bfloat16, "bf16 group", steps=len(grads))
 
 
+@pytest.mark.parametrize("mode", ["adam-l2-amsgrad-maximize", "adamw", "sgd-nesterov-maximize", "sgdw-schedule"])
+def test_grads_are_read_only(backend, device, mode):
+    cls_name, kw = {**ADAM_MODES, **SGD_MODES}[mode]
+    kw = dict(ADAM_COMMON if cls_name.startswith("Adam") else SGD_COMMON, **kw)
+    init, grads = make_data(33, seed=6, steps=3)
+    params = [p.to(device=device, dtype=torch.float32).clone().requires_grad_() for p in init]
+    opt = getattr(fa, cls_name)(params, **kw, backend=backend)
+    opt.grad_scale = torch.tensor(2.0, device=device)
+    for gs in grads:
+        given = [g.to(device=device, dtype=torch.float32) for g in gs]
+        for p, g in zip(params, given):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params, given):
+            assert torch.equal(p.grad, g)
+
+
 def test_params_without_grad_are_untouched(backend, device):
     a = torch.randn(10, device=device, requires_grad=True)
     b = torch.randn(10, device=device, requires_grad=True)

@@ -34,14 +34,14 @@ def _write_back(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 
 def _effective_grads(grads, params_m, maximize, use_l2, l2, grad_scale):
-    # A fresh list: the user's grads are read, never written.
-    g = [t.float() for t in grads] if grads[0].dtype in _LOW else [t.clone() for t in grads]
+    # The user's grads are read, never written: every change makes new tensors.
+    g = _math(grads)
     if grad_scale is not None:
-        torch._foreach_div_(g, float(grad_scale))
+        g = torch._foreach_div(g, float(grad_scale))
     if maximize:
-        torch._foreach_neg_(g)
+        g = torch._foreach_neg(g)
     if use_l2:
-        torch._foreach_add_(g, params_m, alpha=l2)
+        g = torch._foreach_add(g, params_m, alpha=l2)
     return g
 
 
@@ -103,7 +103,7 @@ def sgd_step(params, grads, momentum_buffers, first_step, hyper: SgdHyper, *,
                 buf[i].mul_(hyper.momentum).add_(g[i], alpha=1.0 - hyper.dampening)
         _write_back(momentum_buffers, buf)
         if hyper.nesterov:
-            torch._foreach_add_(g, buf, alpha=hyper.momentum)
+            g = torch._foreach_add(g, buf, alpha=hyper.momentum)
         else:
             g = buf
     torch._foreach_add_(p, g, alpha=-lr)
