@@ -347,3 +347,32 @@ def test_schedule_scaling_needs_a_positive_initial_lr():
     p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match="initial lr"):
         opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replacing_a_params_state_is_seen(backend):
+    """Checkpoint surgery (a new dict for opt.state[p]) takes effect at once,
+    though the step caches what it gathered from opt.state."""
+    p = torch.randn(8, requires_grad=True)
+    opt = fa.AdamW([p], lr=1e-2, backend=backend)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    old = opt.state[p]
+    fresh = {k: v.clone() for k, v in old.items()}
+    opt.state[p] = fresh
+    before = fresh["exp_avg"].clone()
+    opt.step()
+    assert float(fresh["step"]) == 2 and float(old["step"]) == 1
+    assert not torch.equal(fresh["exp_avg"], before)
+    # and a state dict still holds plain dicts only
+    assert type(opt.state_dict()["state"]) is dict
+
+
+def test_optimizer_pickles():
+    import pickle
+    p = torch.randn(4, requires_grad=True)
+    opt = fa.AdamW([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    clone = pickle.loads(pickle.dumps(opt))
+    assert float(next(iter(clone.state.values()))["step"]) == 1

@@ -21,6 +21,7 @@ group as "decay_base_lr", so it survives a state-dict round trip).
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Callable, Optional
 
 import torch
@@ -47,6 +48,42 @@ def _as_float(x: Any, name: str) -> float:
         raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(x).__name__}") from None
 
 
+class _VersionedState(defaultdict):
+    """torch's `Optimizer.state` (a defaultdict of per-param dicts) that counts
+    its assignments, so the per-step gather cache sees `opt.state[p] = {...}`
+    in O(1). state_dict() copies its items into plain dicts, so checkpoints
+    hold no trace of this class."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(dict, *args)
+        self.version = 0
+
+    def __setitem__(self, key, value) -> None:
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def _bump(name):  # noqa: N805 - a helper that builds methods
+        def method(self, *args, **kwargs):
+            self.version += 1
+            return getattr(defaultdict, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    pop = _bump("pop")
+    popitem = _bump("popitem")
+    clear = _bump("clear")
+    update = _bump("update")
+    setdefault = _bump("setdefault")
+    del _bump
+
+    def __reduce__(self):
+        return (_VersionedState, (dict(self),))
+
+
 class _FusedOptimizer(Optimizer):
     """Shared plumbing: argument checks, state-dict compatibility, AMP hooks."""
 
@@ -58,6 +95,7 @@ class _FusedOptimizer(Optimizer):
             )
         self._caches: dict[int, dict] = {}
         super().__init__(params, defaults)
+        self.state = _VersionedState(self.state)
         # GradScaler hands grad_scale / found_inf to step() as attributes
         # instead of unscaling the grads itself (one pass fewer over memory).
         self._step_supports_amp_scaling = True
@@ -109,8 +147,9 @@ class _FusedOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             group.setdefault("decay_base_lr", _as_float(group["lr"], "lr"))
-        if not hasattr(self, "_caches"):
-            self._caches = {}
+        if not isinstance(self.state, _VersionedState):
+            self.state = _VersionedState(self.state)
+        self._caches = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, then this package's conventions.
@@ -197,7 +236,8 @@ class _FusedOptimizer(Optimizer):
         has = [g is not None for g in all_grads]
         cache = self._cache(gi)
         hit = cache.get("gather")
-        if hit is None or hit[0] is not all_params or hit[1] != has:
+        version = (id(self.state), self.state.version)
+        if hit is None or hit[0] is not all_params or hit[1] != has or hit[-1] != version:
             params, states, users, cplx = [], [], [], False
             for p, h in zip(all_params, has):
                 if h:
@@ -208,9 +248,9 @@ class _FusedOptimizer(Optimizer):
                     users.append(p)
                     cplx = cplx or p.is_complex()
                     params.append(torch.view_as_real(p) if p.is_complex() else p)
-            hit = (all_params, has, params, states, users, cplx)
+            hit = (all_params, has, params, states, users, cplx, (id(self.state), self.state.version))
             cache["gather"] = hit
-        _, _, params, states, users, cplx = hit
+        _, _, params, states, users, cplx, _ = hit
         grads = all_grads if all(has) else [g for g in all_grads if g is not None]
         if cplx:
             grads = [_real(g) for g in grads]
