@@ -333,7 +333,6 @@ def test_non_default_stream_equals_default_stream():
 # ---------------------------------------------------------------- many tensors
 
 def test_many_tensors_one_launch_and_cached_tables():
-    gen = _gen(7)
     sizes = [int(n) for n in torch.randint(1, 300, (20000,), generator=torch.Generator().manual_seed(7))]
     sizes[::997] = [0] * len(sizes[::997])  # empty tensors get their step too
     params, grads, m, v, _, steps = adam_tensors(sizes, torch.float32, torch.float32, seed=7)

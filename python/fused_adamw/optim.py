@@ -187,7 +187,6 @@ class _FusedOptimizer(Optimizer):
                 elif isinstance(value, torch.Tensor) and value.shape == p.shape:
                     t = torch.empty_like(p, dtype=sd)
                     st[key] = t.copy_(value.detach())
-        self._caches.clear()
 
     def _fixed_decoupled(self) -> bool:
         """AdamW and SGDW always decouple, whatever a loaded dict says."""
@@ -222,15 +221,15 @@ class _FusedOptimizer(Optimizer):
 
     def _gather(self, gi: int, group: dict[str, Any]):
         """(params, grads, per-param state dicts, the params as the user holds
-        them, any complex) for the params
-        of group `gi` that have a grad; complex params and grads as real views.
+        them, any complex) for the params of group `gi` that have a grad;
+        complex params and grads as real views.
 
         A step on thousands of small tensors is mostly this loop, so what only
-        changes when the group's params or their grad presence change (which
-        params, their state dicts, complex views) is cached; grads are read
-        every step. State dicts are looked up again after load_state_dict and
-        whenever a param gains a grad; state tensors are read from them every
-        step, so replacing opt.state[p]["exp_avg"] is seen."""
+        changes when the group's params, their grad presence or opt.state
+        change (which params, their state dicts, complex views) is cached;
+        grads are read every step. Any assignment to opt.state (a versioned
+        dict) rebuilds the cache, and state tensors are read from the per-param
+        dicts every step, so replacing opt.state[p]["exp_avg"] is seen too."""
         all_params = group["params"]
         all_grads = [p.grad for p in all_params]
         has = [g is not None for g in all_grads]
@@ -290,13 +289,9 @@ class Adam(_FusedOptimizer):
                  backend: str = "auto") -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        # Plain floats, as torch keeps them; ranges are checked per group.
         betas = (_as_float(betas[0], "betas[0]"), _as_float(betas[1], "betas[1]"))
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
         eps = _as_float(eps, "eps")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: eps={eps} (must be >= 0)")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
@@ -385,12 +380,9 @@ class SGD(_FusedOptimizer):
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  decoupled_weight_decay: bool = False, decay_scaling: str = "lr",
                  state_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> None:
+        # Plain floats; ranges are checked per group.
         momentum = _as_float(momentum, "momentum")
         dampening = _as_float(dampening, "dampening")
-        if not momentum >= 0.0:
-            raise ValueError(f"Invalid momentum value: momentum={momentum} (must be >= 0)")
-        if nesterov and (momentum <= 0.0 or dampening != 0.0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay,
