@@ -24,7 +24,6 @@ triton is imported (tests/test_triton_kernels.py).
 """
 from __future__ import annotations
 
-import enum
 import math
 from typing import Optional, Sequence
 
@@ -33,22 +32,17 @@ import triton
 import triton.language as tl
 
 from fused_adamw.hyper import AdamHyper
+from fused_adamw._native import AdamCol
 from fused_adamw.triton_kernels import _common
 from fused_adamw.triton_kernels._common import _div, _f64, _load, _sqrt, _store, device_helper
 
 
-class AdamColumn(enum.IntEnum):
-    """Columns of the Adam address table (DESIGN.md, native interface)."""
-    NUMEL = 0
-    PARAM = 1
-    GRAD = 2
-    EXP_AVG = 3
-    EXP_AVG_SQ = 4
-    MAX_EXP_AVG_SQ = 5
-    STEP = 6
+# The address-table columns, one layout for every backend
+# (csrc/include/fused_adamw/table.h, mirrored by fused_adamw._native).
+AdamColumn = AdamCol
 
 
-_NCOLS = len(AdamColumn)
+_NCOLS = int(AdamCol.COUNT)
 # The same columns as compile-time constants for the kernel.
 _C_NUMEL = tl.constexpr(AdamColumn.NUMEL.value)
 _C_PARAM = tl.constexpr(AdamColumn.PARAM.value)

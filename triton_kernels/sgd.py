@@ -19,7 +19,6 @@ triton is imported (tests/test_triton_kernels.py).
 """
 from __future__ import annotations
 
-import enum
 from typing import Optional, Sequence
 
 import torch
@@ -27,20 +26,17 @@ import triton
 import triton.language as tl
 
 from fused_adamw.hyper import SgdHyper
+from fused_adamw._native import SgdCol
 from fused_adamw.triton_kernels import _common
 from fused_adamw.triton_kernels._common import _div, _f64, _load, _store, device_helper
 
 
-class SgdColumn(enum.IntEnum):
-    """Columns of the SGD address table (DESIGN.md, native interface)."""
-    NUMEL = 0
-    PARAM = 1
-    GRAD = 2
-    MOMENTUM_BUFFER = 3
-    FIRST_STEP = 4
+# The address-table columns, one layout for every backend
+# (csrc/include/fused_adamw/table.h, mirrored by fused_adamw._native).
+SgdColumn = SgdCol
 
 
-_NCOLS = len(SgdColumn)
+_NCOLS = int(SgdCol.COUNT)
 _C_NUMEL = tl.constexpr(SgdColumn.NUMEL.value)
 _C_PARAM = tl.constexpr(SgdColumn.PARAM.value)
 _C_GRAD = tl.constexpr(SgdColumn.GRAD.value)
