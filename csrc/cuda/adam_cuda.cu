@@ -115,19 +115,9 @@ void launch_typed(const DeviceTables& t, const AdamHyper& h, const StepScalars& 
 
 void launch_adam(DType param, DType state, const DeviceTables& t, const AdamHyper& h, const StepScalars& sc,
                  cudaStream_t stream) {
-  switch (param) {
-    case DType::kFloat32:
-      return launch_typed<float, float>(t, h, sc, stream);
-    case DType::kFloat64:
-      return launch_typed<double, double>(t, h, sc, stream);
-    case DType::kFloat16:
-      if (state == DType::kFloat32) return launch_typed<__half, float>(t, h, sc, stream);
-      return launch_typed<__half, __half>(t, h, sc, stream);
-    case DType::kBFloat16:
-      if (state == DType::kFloat32) return launch_typed<__nv_bfloat16, float>(t, h, sc, stream);
-      return launch_typed<__nv_bfloat16, __nv_bfloat16>(t, h, sc, stream);
-  }
-  throw std::invalid_argument("param_dtype: unknown dtype");
+  with_storage_types(param, state, [&](auto p, auto s) {
+    launch_typed<typename decltype(p)::type, typename decltype(s)::type>(t, h, sc, stream);
+  });
 }
 
 }  // namespace cuda

@@ -40,6 +40,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -114,6 +115,31 @@ HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, boo
 // Blocks of the launch for this many chunks (at least 1: the last block
 // increments the steps even when every tensor is empty).
 int64_t launch_blocks(int64_t total_chunks);
+
+// The storage types of a (param, state) dtype pair, as tags for a generic
+// lambda: f(StorageTag<P>{}, StorageTag<S>{}). The one switch over the pairs
+// the kernels are built for (state in the param dtype, or fp32 for 16-bit).
+template <typename T>
+struct StorageTag {
+  using type = T;
+};
+
+template <typename F>
+void with_storage_types(DType param, DType state, F&& f) {
+  switch (param) {
+    case DType::kFloat32:
+      return f(StorageTag<float>{}, StorageTag<float>{});
+    case DType::kFloat64:
+      return f(StorageTag<double>{}, StorageTag<double>{});
+    case DType::kFloat16:
+      if (state == DType::kFloat32) return f(StorageTag<__half>{}, StorageTag<float>{});
+      return f(StorageTag<__half>{}, StorageTag<__half>{});
+    case DType::kBFloat16:
+      if (state == DType::kFloat32) return f(StorageTag<__nv_bfloat16>{}, StorageTag<float>{});
+      return f(StorageTag<__nv_bfloat16>{}, StorageTag<__nv_bfloat16>{});
+  }
+  throw std::invalid_argument("param_dtype: unknown dtype");
+}
 
 // Throws std::invalid_argument (ValueError) unless the codes name known dtypes
 // and the state dtype is the param dtype or float32 for 16-bit params.

@@ -297,49 +297,38 @@ def _pick(lst, idx, whole):
     return [lst[i] for i in idx]
 
 
-def adam_step(cache: dict, backend: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-              hyper: AdamHyper, *, state_dtype=None, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
-    """One Adam/AdamW step over one param group's tensors (see hyper.py)."""
-    plan = _plan(cache, params, {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs,
-                                 "max_exp_avg_sq": max_exp_avg_sqs}, state_dtype)
+def _run_buckets(algo: str, cache: dict, backend: str, params, grads, per_tensor: list, hyper, state_dtype,
+                 lr_tensor, grad_scale, found_inf, states: dict) -> None:
+    """Validate, bucket by (device, dtype), and make one backend call per
+    bucket: module.<algo>_step(params, grads, *per_tensor, hyper, ...)."""
+    plan = _plan(cache, params, states, state_dtype)
     for device, dtype, idx, whole in plan:
         name = cache.get(("backend", device)) or cache.setdefault(("backend", device),
                                                                   resolve_backend(backend, device))
-        module = _loaded[name]
         bucket_params = _pick(params, idx, whole)
         # One labelled range per backend call, so a profile counts the fused
         # calls of a step (the harness's --profile summary reads it).
-        with torch.profiler.record_function(_LABELS[name, "adam"]):
-            module.adam_step(
+        with torch.profiler.record_function(_LABELS[name, algo]):
+            getattr(_loaded[name], f"{algo}_step")(
                 bucket_params, check_grads(bucket_params, _pick(grads, idx, whole), dtype),
-                _pick(exp_avgs, idx, whole),
-                _pick(exp_avg_sqs, idx, whole), _pick(max_exp_avg_sqs, idx, whole), _pick(steps, idx, whole),
-                hyper,
+                *(_pick(lst, idx, whole) for lst in per_tensor), hyper,
                 lr_tensor=_scalar_on(lr_tensor, device, "lr"),
                 grad_scale=_scalar_on(grad_scale, device, "grad_scale"),
                 found_inf=_scalar_on(found_inf, device, "found_inf"),
                 cache=cache.setdefault(("tables", device, dtype), {}),
             )
+
+
+def adam_step(cache: dict, backend: str, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+              hyper: AdamHyper, *, state_dtype=None, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
+    """One Adam/AdamW step over one param group's tensors (see hyper.py)."""
+    _run_buckets("adam", cache, backend, params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps], hyper,
+                 state_dtype, lr_tensor, grad_scale, found_inf,
+                 {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs, "max_exp_avg_sq": max_exp_avg_sqs})
 
 
 def sgd_step(cache: dict, backend: str, params, grads, momentum_buffers, first_step, hyper: SgdHyper, *,
              state_dtype=None, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
     """One SGD/SGDW step over one param group's tensors (see hyper.py)."""
-    plan = _plan(cache, params, {"momentum_buffer": momentum_buffers}, state_dtype)
-    for device, dtype, idx, whole in plan:
-        name = cache.get(("backend", device)) or cache.setdefault(("backend", device),
-                                                                  resolve_backend(backend, device))
-        module = _loaded[name]
-        bucket_params = _pick(params, idx, whole)
-        # One labelled range per backend call, so a profile counts the fused
-        # calls of a step (the harness's --profile summary reads it).
-        with torch.profiler.record_function(_LABELS[name, "sgd"]):
-            module.sgd_step(
-                bucket_params, check_grads(bucket_params, _pick(grads, idx, whole), dtype),
-                _pick(momentum_buffers, idx, whole),
-                _pick(first_step, idx, whole), hyper,
-                lr_tensor=_scalar_on(lr_tensor, device, "lr"),
-                grad_scale=_scalar_on(grad_scale, device, "grad_scale"),
-                found_inf=_scalar_on(found_inf, device, "found_inf"),
-                cache=cache.setdefault(("tables", device, dtype), {}),
-            )
+    _run_buckets("sgd", cache, backend, params, grads, [momentum_buffers, first_step], hyper,
+                 state_dtype, lr_tensor, grad_scale, found_inf, {"momentum_buffer": momentum_buffers})

@@ -214,8 +214,21 @@ class _FusedOptimizer(Optimizer):
             return float("nan"), lr
         return _as_float(lr, "lr"), None
 
-    def _amp(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """One step for every param group; GradScaler's grad_scale / found_inf
+        attributes, when set, are applied inside the fused call."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group, grad_scale, found_inf)
+        return loss
+
+    def _step_group(self, gi: int, group: dict[str, Any], grad_scale, found_inf) -> None:
+        raise NotImplementedError
 
     def _cache(self, index: int) -> dict:
         return self._caches.setdefault(index, {})
@@ -317,42 +330,34 @@ class Adam(_FusedOptimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp()
-        for gi, group in enumerate(self.param_groups):
-            params, grads, states, _, cplx = self._gather(gi, group)
-            if not params:
-                continue
-            amsgrad = group["amsgrad"]
-            m = _column(states, "exp_avg", cplx)
-            v = _column(states, "exp_avg_sq", cplx)
-            vmax = None
-            if amsgrad:
-                for st in states:
-                    if "max_exp_avg_sq" not in st:  # amsgrad switched on after the first step
-                        st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
-                vmax = _column(states, "max_exp_avg_sq", cplx)
-            steps = _column(states, "step", False)
-            lr, lr_tensor = self._lr(group)
-            beta1, beta2 = group["betas"]
-            decoupled = bool(group["decoupled_weight_decay"])
-            hyper = AdamHyper(
-                lr=lr, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                decay_coeff=self._decay_coeff(group, lr if lr_tensor is None else 1.0) if decoupled else 0.0,
-                decoupled=decoupled, amsgrad=bool(amsgrad), maximize=bool(group["maximize"]),
-            )
-            dispatch.adam_step(
-                self._cache(gi), group["backend"], params, grads, m, v, vmax, steps,
-                hyper, state_dtype=group["state_dtype"], lr_tensor=lr_tensor,
-                grad_scale=grad_scale, found_inf=found_inf,
-            )
-        return loss
+    def _step_group(self, gi: int, group: dict[str, Any], grad_scale, found_inf) -> None:
+        params, grads, states, _, cplx = self._gather(gi, group)
+        if not params:
+            return
+        amsgrad = group["amsgrad"]
+        m = _column(states, "exp_avg", cplx)
+        v = _column(states, "exp_avg_sq", cplx)
+        vmax = None
+        if amsgrad:
+            for st in states:
+                if "max_exp_avg_sq" not in st:  # amsgrad switched on after the first step
+                    st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
+            vmax = _column(states, "max_exp_avg_sq", cplx)
+        steps = _column(states, "step", False)
+        lr, lr_tensor = self._lr(group)
+        beta1, beta2 = group["betas"]
+        decoupled = bool(group["decoupled_weight_decay"])
+        hyper = AdamHyper(
+            lr=lr, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decay_coeff=self._decay_coeff(group, lr if lr_tensor is None else 1.0) if decoupled else 0.0,
+            decoupled=decoupled, amsgrad=bool(amsgrad), maximize=bool(group["maximize"]),
+        )
+        dispatch.adam_step(
+            self._cache(gi), group["backend"], params, grads, m, v, vmax, steps,
+            hyper, state_dtype=group["state_dtype"], lr_tensor=lr_tensor,
+            grad_scale=grad_scale, found_inf=found_inf,
+        )
 
 
 class AdamW(_AlwaysDecoupled, Adam):
@@ -402,49 +407,41 @@ class SGD(_FusedOptimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """torch.optim.SGD keeps no state until the first step with momentum."""
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale, found_inf = self._amp()
-        for gi, group in enumerate(self.param_groups):
-            momentum = float(group["momentum"])
-            params, grads, states, users, cplx = self._gather(gi, group)
-            if not params:
-                continue
-            bufs = first = None
-            new_bufs = {}
-            if momentum != 0.0:
-                bufs = [st.get("momentum_buffer") for st in states]
-                first = [b is None for b in bufs]
-                if any(first):
-                    if found_inf is not None and float(found_inf) != 0.0:
-                        # A skipped first step leaves no buffer behind: the
-                        # next step starts the buffer from its own gradient.
-                        continue
-                    for i in (i for i, f in enumerate(first) if f):
-                        buf = torch.empty_like(params[i], dtype=group["state_dtype"] or params[i].dtype)
-                        new_bufs[i] = buf
-                        bufs[i] = buf
-                if cplx:
-                    bufs = [_real(b) for b in bufs]
-            lr, lr_tensor = self._lr(group)
-            decoupled = bool(group["decoupled_weight_decay"])
-            hyper = SgdHyper(
-                lr=lr, momentum=momentum, dampening=float(group["dampening"]),
-                weight_decay=float(group["weight_decay"]),
-                decay_coeff=self._decay_coeff(group, lr) if decoupled else 0.0,
-                decoupled=decoupled, nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-            )
-            dispatch.sgd_step(
-                self._cache(gi), group["backend"], params, grads, bufs, first, hyper,
-                state_dtype=group["state_dtype"], lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-            )
-            for i, buf in new_bufs.items():  # stored once the step has filled them
-                states[i]["momentum_buffer"] = torch.view_as_complex(buf) if users[i].is_complex() else buf
-        return loss
+    def _step_group(self, gi: int, group: dict[str, Any], grad_scale, found_inf) -> None:
+        momentum = float(group["momentum"])
+        params, grads, states, users, cplx = self._gather(gi, group)
+        if not params:
+            return
+        bufs = first = None
+        new_bufs = {}
+        if momentum != 0.0:
+            bufs = [st.get("momentum_buffer") for st in states]
+            first = [b is None for b in bufs]
+            if any(first):
+                if found_inf is not None and float(found_inf) != 0.0:
+                    # A skipped first step leaves no buffer behind: the
+                    # next step starts the buffer from its own gradient.
+                    return
+                for i in (i for i, f in enumerate(first) if f):
+                    buf = torch.empty_like(params[i], dtype=group["state_dtype"] or params[i].dtype)
+                    new_bufs[i] = buf
+                    bufs[i] = buf
+            if cplx:
+                bufs = [_real(b) for b in bufs]
+        lr, lr_tensor = self._lr(group)
+        decoupled = bool(group["decoupled_weight_decay"])
+        hyper = SgdHyper(
+            lr=lr, momentum=momentum, dampening=float(group["dampening"]),
+            weight_decay=float(group["weight_decay"]),
+            decay_coeff=self._decay_coeff(group, lr) if decoupled else 0.0,
+            decoupled=decoupled, nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+        )
+        dispatch.sgd_step(
+            self._cache(gi), group["backend"], params, grads, bufs, first, hyper,
+            state_dtype=group["state_dtype"], lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+        )
+        for i, buf in new_bufs.items():  # stored once the step has filled them
+            states[i]["momentum_buffer"] = torch.view_as_complex(buf) if users[i].is_complex() else buf
 
 
 class SGDW(_AlwaysDecoupled, SGD):
