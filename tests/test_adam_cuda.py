@@ -1,8 +1,8 @@
 """GPU tests of what is particular to the CUDA backend (fused_adamw._cuda).
 
 Every mode x dtype x size against the float64 reference and torch.optim, over
-20 steps, is the shared suite run on this backend (test_adam_cuda_suite.py,
-tests/backend_suite.py). This file adds what only the CUDA kernels can get
+20 steps, is the shared suite run on this backend (tests/test_backend_suite.py,
+whose cuda ids need a GPU). This file adds what only the CUDA kernels can get
 wrong:
 
   * a bf16 tensor of more than 2**31 elements (64-bit indexing), checked
@@ -28,6 +28,8 @@ _cuda = pytest.importorskip("fused_adamw._cuda")
 
 import fused_adamw as fa  # noqa: E402
 from fused_adamw import backend_cuda, reference  # noqa: E402
+from batch_calls import adam_call, sgd_call  # noqa: E402
+from tolerances import SAME_MATH, TORCH_ERROR_FACTOR, TRAJECTORY, ULP  # noqa: E402
 from fused_adamw.hyper import AdamHyper, SgdHyper  # noqa: E402
 
 pytestmark = [
@@ -40,10 +42,7 @@ SIZES = (1, 7, 4097, 2**20 + 3)
 ADAM = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
 # Same data through two code paths that differ only in how elements are
 # loaded (16-byte packs or one by one): (rtol, atol) per param dtype.
-PATH_TOL = {torch.float32: (1e-6, 1e-7), torch.bfloat16: (2.0**-7, 1e-6)}
-# One rounding unit of the 16-bit types, relative (STYLE.md's floor where
-# torch happens to be exact).
-ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+PATH_TOL = SAME_MATH
 
 
 def _gen(seed):
@@ -111,7 +110,7 @@ def test_bf16_tensor_over_2_31_elements():
         for key in ours:
             err = np.max(np.abs(ours[key] - refs[key]))
             torch_err = np.max(np.abs(theirs[key] - refs[key]))
-            bound = max(2 * torch_err, ULP[torch.bfloat16] * np.max(np.abs(refs[key])))
+            bound = max(TORCH_ERROR_FACTOR * torch_err, ULP[torch.bfloat16] * np.max(np.abs(refs[key])))
             assert err <= bound, f"{key} at {s}: error {err:.3g} > {bound:.3g} (torch {torch_err:.3g})"
 
 
@@ -194,16 +193,16 @@ def test_adam_found_inf_writes_nothing_and_grad_scale_is_exact(dtype, state_dtyp
     scale = torch.full((1,), 8.0, device=DEV)
     found = torch.ones(1, device=DEV)
     scaled = [g * 8 for g in grads]  # a power of two: dividing it back is exact
-    backend_cuda.adam_step(params, scaled, m, v, vmax, steps, hyper, grad_scale=scale, found_inf=found, cache={})
+    adam_call(backend_cuda, params, scaled, m, v, vmax, steps, hyper, grad_scale=scale, found_inf=found, cache={})
     torch.cuda.synchronize()
     for what, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
                           (params, m, v, vmax, steps), before):
         assert_equal_lists(a, b, what)
 
     found.zero_()
-    backend_cuda.adam_step(params, scaled, m, v, vmax, steps, hyper, grad_scale=scale, found_inf=found, cache={})
+    adam_call(backend_cuda, params, scaled, m, v, vmax, steps, hyper, grad_scale=scale, found_inf=found, cache={})
     twin = snapshot(*before)
-    backend_cuda.adam_step(*twin[:1], grads, *twin[1:], hyper, cache={})
+    adam_call(backend_cuda, *twin[:1], grads, *twin[1:], hyper, cache={})
     torch.cuda.synchronize()
     for what, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
                           (params, m, v, vmax, steps), twin):
@@ -219,7 +218,7 @@ def test_sgd_found_inf_writes_nothing():
     bufs = [torch.randn_like(p) for p in params]
     before = snapshot(params, bufs)
     hyper = SgdHyper(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
-    backend_cuda.sgd_step(params, grads, bufs, [False] * 3, hyper, found_inf=torch.ones(1, device=DEV), cache={})
+    sgd_call(backend_cuda, params, grads, bufs, [False] * 3, hyper, found_inf=torch.ones(1, device=DEV), cache={})
     torch.cuda.synchronize()
     assert_equal_lists(params, before[0], "param")
     assert_equal_lists(bufs, before[1], "momentum_buffer")
@@ -234,7 +233,7 @@ def test_sgd_first_step_overwrites_poisoned_buffer(dtype):
     p0 = snapshot(params)[0]
     # Dampening is not applied on the first step (torch): buf = g exactly.
     hyper = SgdHyper(lr=0.1, momentum=0.9, dampening=0.5)
-    backend_cuda.sgd_step(params, grads, bufs, [True] * len(params), hyper, cache={})
+    sgd_call(backend_cuda, params, grads, bufs, [True] * len(params), hyper, cache={})
     torch.cuda.synchronize()
     rtol, atol = PATH_TOL[dtype]
     for b, g, p, q in zip(bufs, grads, params, p0):
@@ -348,29 +347,29 @@ def test_many_tensors_one_launch_and_cached_tables():
         if k == 1:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                backend_cuda.adam_step(params, grads, m, v, None, steps, hyper, cache=cache)
+                adam_call(backend_cuda, params, grads, m, v, None, steps, hyper, cache=cache)
                 torch.cuda.synchronize()
             kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             assert len([name for name in kernels if "adam_kernel" in name]) == 1, kernels
             assert not [name for name in kernels if "upload_kernel" in name], "unchanged tables were uploaded again"
         else:
-            backend_cuda.adam_step(params, grads, m, v, None, steps, hyper, cache=cache)
+            adam_call(backend_cuda, params, grads, m, v, None, steps, hyper, cache=cache)
         reference.adam_step(ref, flat_g, st, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
                             decoupled=True)
     torch.cuda.synchronize()
     ws = cache[backend_cuda._WORKSPACE_KEY]
     assert ws.uploads == 1
-    np.testing.assert_allclose(_np(torch.cat(params)), ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(_np(torch.cat(params)), ref, **TRAJECTORY[torch.float32].kw)
     assert all(float(s) == 3.0 for s in steps)
 
     # New grad tensors (zero_grad(set_to_none=True) and a backward): the
     # tables are uploaded again, and the step still uses the new addresses.
     new_grads = [g.clone() for g in grads]
-    backend_cuda.adam_step(params, new_grads, m, v, None, steps, hyper, cache=cache)
+    adam_call(backend_cuda, params, new_grads, m, v, None, steps, hyper, cache=cache)
     reference.adam_step(ref, flat_g, st, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, decoupled=True)
     torch.cuda.synchronize()
     assert ws.uploads == 2
-    np.testing.assert_allclose(_np(torch.cat(params)), ref, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(_np(torch.cat(params)), ref, **TRAJECTORY[torch.float32].kw)
 
 
 # ---------------------------------------------------------------- errors

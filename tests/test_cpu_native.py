@@ -23,10 +23,14 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from fused_adamw import _cpu, _native, backend_cpu
+
+from batch_calls import adam_call, sgd_call
+from tolerances import STEP
 from fused_adamw.hyper import AdamHyper, SgdHyper
 
 ISAS = _cpu.build_info()["isas_supported"]
@@ -41,15 +45,8 @@ DTYPES = {
     "fp16-fp32state": (torch.float16, torch.float32),
 }
 
-# Storage dtype -> (rtol, atol) of one step against the float64 oracle, for
-# values of order 1. 16-bit: half a unit in the last place (2^-8, 2^-11
-# relative) plus the float32 math; a truncating conversion already fails.
-TOL = {
-    torch.float64: (1e-12, 1e-14),
-    torch.float32: (1e-5, 1e-6),
-    torch.bfloat16: (2.0 ** -8 + 1e-5, 1e-6),
-    torch.float16: (2.0 ** -11 + 1e-5, 1e-6),
-}
+# One step against the float64 oracle: tests/tolerances.py's STEP.
+TOL = STEP
 
 GUARD = 5  # guard elements on each side of every tensor
 SENTINEL = 7.0
@@ -188,12 +185,12 @@ class AdamCase:
         for b in self.g:
             b.t.copy_(randn(self.gen, b.t.numel()) * scale)
 
-    def step_and_check(self, cache=None, grad_scale=None, lr_tensor=None) -> None:
+    def step_and_check(self, cache=None, grad_scale=None, lr_tensor=None):
         h = self.h
         before = [tuple(f64(b.t) for b in bs) for bs in zip(self.p, self.g, self.m, self.v, self.w)]
         old_steps = [float(s) for s in self.steps]
-        backend_cpu.adam_step(
-            self.tensors("p"), self.tensors("g"), self.tensors("m"), self.tensors("v"),
+        batch = adam_call(
+            backend_cpu, self.tensors("p"), self.tensors("g"), self.tensors("m"), self.tensors("v"),
             self.tensors("w") if h.amsgrad else None, self.steps, h,
             cache=cache, lr_tensor=lr_tensor,
             grad_scale=None if grad_scale is None else torch.tensor([grad_scale], dtype=torch.float32))
@@ -211,6 +208,7 @@ class AdamCase:
         for name in ("p", "g", "m", "v", "w"):
             for b in getattr(self, name):
                 b.check_guards(name)
+        return batch
 
 
 @pytest.mark.parametrize("mode", list(ADAM_MODES))
@@ -257,7 +255,7 @@ def test_adam_found_inf_writes_nothing(isa, amsgrad):
                     start_steps=(3, 4), seed=7)
     snapshot = [b.buffer.clone() for name in ("p", "g", "m", "v", "w") for b in getattr(case, name)]
     steps = [s.clone() for s in case.steps]
-    backend_cpu.adam_step(case.tensors("p"), case.tensors("g"), case.tensors("m"), case.tensors("v"),
+    adam_call(backend_cpu, case.tensors("p"), case.tensors("g"), case.tensors("m"), case.tensors("v"),
                           case.tensors("w") if amsgrad else None, case.steps, case.h,
                           grad_scale=torch.tensor([2.0]), found_inf=torch.tensor([1.0]), cache={})
     after = [b.buffer for name in ("p", "g", "m", "v", "w") for b in getattr(case, name)]
@@ -274,7 +272,7 @@ def test_adam_thread_count_does_not_change_results():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             case = AdamCase((300_000, 5, 70_001), DTYPES["bf16"], ADAM_MODES["adamw"], (0, 1, 2), seed=8)
-            backend_cpu.adam_step(case.tensors("p"), case.tensors("g"), case.tensors("m"), case.tensors("v"),
+            adam_call(backend_cpu, case.tensors("p"), case.tensors("g"), case.tensors("m"), case.tensors("v"),
                                   None, case.steps, case.h)
             results.append([b.t.clone() for b in case.p + case.m + case.v])
     finally:
@@ -304,7 +302,7 @@ class SgdCase:
         h = self.h
         before = [(f64(p.t), f64(g.t), f64(b.t)) for p, g, b in zip(self.p, self.g, self.b)]
         bufs = [b.t for b in self.b] if h.momentum != 0.0 else None
-        backend_cpu.sgd_step([b.t for b in self.p], [b.t for b in self.g], bufs, list(self.first), h,
+        sgd_call(backend_cpu, [b.t for b in self.p], [b.t for b in self.g], bufs, list(self.first), h,
                              cache=cache,
                              grad_scale=None if grad_scale is None else torch.tensor([grad_scale]))
         for i, (p0, g0, b0) in enumerate(before):
@@ -351,7 +349,7 @@ def test_sgd_grad_scale_and_found_inf(isa):
     case.new_grads(scale=64.0)
     case.step_and_check(grad_scale=64.0)
     snapshot = [b.buffer.clone() for name in ("p", "g", "b") for b in getattr(case, name)]
-    backend_cpu.sgd_step([b.t for b in case.p], [b.t for b in case.g], [b.t for b in case.b], case.first,
+    sgd_call(backend_cpu, [b.t for b in case.p], [b.t for b in case.g], [b.t for b in case.b], case.first,
                          case.h, found_inf=torch.tensor([1.0]))
     after = [b.buffer for name in ("p", "g", "b") for b in getattr(case, name)]
     assert all(torch.equal(a, b) for a, b in zip(snapshot, after))
@@ -377,7 +375,7 @@ def test_conversion_rounds_to_nearest_even(isa, dtype):
     p = torch.cat([p, torch.tensor(specials_p, dtype=dtype)])
     g = torch.cat([g, torch.tensor(specials_g, dtype=dtype)])
     want = (p.float() + g.float()).to(dtype)
-    backend_cpu.sgd_step([p], [g], None, [False], SgdHyper(lr=-1.0))
+    sgd_call(backend_cpu, [p], [g], None, [False], SgdHyper(lr=-1.0))
     torch.testing.assert_close(p, want, rtol=0, atol=0, equal_nan=True)
 
 
@@ -399,22 +397,20 @@ def test_cached_table_follows_moved_tensors():
     old_param.data = new_param
     moved.t = old_param
     case.new_grads()
-    case.step_and_check(cache=cache)
-    fresh = _native.adam_table(case.tensors("p"), case.tensors("g"), case.tensors("m"), case.tensors("v"),
-                               None, case.steps, None)
-    cached = _native.adam_table(case.tensors("p"), case.tensors("g"), case.tensors("m"), case.tensors("v"),
-                                None, case.steps, cache)
-    assert torch.equal(fresh, cached)
-    assert int(cached[1, _native.AdamCol.PARAM]) == new_param.data_ptr()
+    batch = case.step_and_check(cache=cache)
+    fresh = _native.build_table("adam", case.tensors("p"), case.tensors("g"),
+                                {"exp_avg": case.tensors("m"), "exp_avg_sq": case.tensors("v")}, case.steps, None)
+    assert batch.table.tolist() == fresh.tolist()
+    assert int(batch.table[1, _native.AdamCol.PARAM]) == new_param.data_ptr()
 
 
 def test_sgd_table_columns():
     ps = [torch.randn(n) for n in (3, 5)]
     gs = [torch.randn_like(p) for p in ps]
     bs = [torch.randn_like(p) for p in ps]
-    t = _native.sgd_table(ps, gs, bs, [True, False], {})
+    t = _native.build_table("sgd", ps, gs, {"momentum_buffer": bs}, None, [True, False])
     want = [[p.numel(), p.data_ptr(), g.data_ptr(), b.data_ptr(), f] for p, g, b, f in zip(ps, gs, bs, (1, 0))]
-    assert t.dtype == torch.int64 and t.is_contiguous() and t.tolist() == want
+    assert t.dtype == np.int64 and t.flags.c_contiguous and t.tolist() == want
 
 
 def test_dtype_codes():
@@ -480,7 +476,7 @@ def test_native_sgd_momentum_buffer_required():
 def test_backend_rejects_bad_grad_scale():
     p, g = torch.randn(3), torch.randn(3)
     with pytest.raises(ValueError, match="grad_scale"):
-        backend_cpu.sgd_step([p], [g], None, [False], SgdHyper(), grad_scale=torch.tensor([1.0, 2.0]))
+        sgd_call(backend_cpu, [p], [g], None, [False], SgdHyper(), grad_scale=torch.tensor([1.0, 2.0]))
 
 
 def test_isa_selection():
@@ -516,13 +512,18 @@ def test_isa_environment_variable():
 
 
 def test_hyper_structs_mirror_dataclasses():
+    # One field list each side (update.h's X-lists, hyper.py's dataclasses):
+    # adding a field on one side only fails here.
+    from dataclasses import fields
+    assert _cpu.AdamHyper.FIELDS == tuple(f.name for f in fields(AdamHyper))
+    assert _cpu.SgdHyper.FIELDS == tuple(f.name for f in fields(SgdHyper))
     h = AdamHyper(lr=0.5, beta1=0.7, beta2=0.8, eps=1e-3, weight_decay=0.2, decay_coeff=0.3,
                   decoupled=False, amsgrad=True, maximize=True)
-    c = _native.to_cpp_adam(_cpu, h)
-    assert (c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decay_coeff, c.decoupled, c.amsgrad, c.maximize) == \
-        (0.5, 0.7, 0.8, 1e-3, 0.2, 0.3, False, True, True)
+    c = _native.to_cpp(_cpu, h)
+    assert tuple(getattr(c, f) for f in c.FIELDS) == (0.5, 0.7, 0.8, 1e-3, 0.2, 0.3, False, True, True)
     s = SgdHyper(lr=0.5, momentum=0.7, dampening=0.1, weight_decay=0.2, decay_coeff=0.3, decoupled=True,
                  nesterov=True, maximize=True)
-    c = _native.to_cpp_sgd(_cpu, s)
-    assert (c.lr, c.momentum, c.dampening, c.weight_decay, c.decay_coeff, c.decoupled, c.nesterov, c.maximize) == \
-        (0.5, 0.7, 0.1, 0.2, 0.3, True, True, True)
+    c = _native.to_cpp(_cpu, s)
+    assert tuple(getattr(c, f) for f in c.FIELDS) == (0.5, 0.7, 0.1, 0.2, 0.3, True, True, True)
+    with pytest.raises(TypeError, match="unknown keyword"):
+        _cpu.AdamHyper(lr=1.0, momentum=0.9)

@@ -5,7 +5,7 @@ statically); these tests check what it decides before a launch: the chunk
 plan (boundaries, counts, sizes over 2**31, many tensors), the per-tensor
 16-byte-path decision, the validation of address tables and arguments, and
 that a CUDA failure is a RuntimeError. The kernels themselves are tested on a
-GPU by test_adam_cuda.py and test_adam_cuda_suite.py.
+GPU by test_adam_cuda.py and the cuda ids of test_backend_suite.py.
 
     pytest tests/test_cuda_host.py
 """

@@ -42,7 +42,9 @@ pytest.importorskip("triton")
 
 from fused_adamw import reference  # noqa: E402
 from fused_adamw.hyper import AdamHyper, SgdHyper  # noqa: E402
-from fused_adamw.triton_kernels import adam_step, sgd_step  # noqa: E402
+from fused_adamw import triton_kernels  # noqa: E402
+from batch_calls import adam_call, sgd_call  # noqa: E402
+from tolerances import STEP, TRAJECTORY  # noqa: E402
 from fused_adamw.triton_kernels import adam as triton_adam  # noqa: E402
 from fused_adamw.triton_kernels import sgd as triton_sgd  # noqa: E402
 
@@ -68,17 +70,10 @@ DTYPES = {
     "fp16": (torch.float16, torch.float16),
     "bf16-fp32state": (torch.bfloat16, torch.float32),
 }
-# One reference step from our state, by storage dtype: (rtol, atol). 16-bit:
-# one rounding unit of the result (2**-mantissa bits relative); fp32: a few
-# units of the float32 math; fp64: the float64 math.
-STEP_TOL = {
-    torch.float64: (1e-12, 1e-14),
-    torch.float32: (2e-6, 1e-6),
-    torch.bfloat16: (2.0 ** -7, 1e-6),
-    torch.float16: (2.0 ** -10, 1e-6),
-}
-# The whole trajectory against an independent float64 run: (rtol, atol).
-TRAJ_TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}
+# One reference step from our state, and whole trajectories against an
+# independent float64 run: tests/tolerances.py's STEP and TRAJECTORY.
+STEP_TOL = STEP
+TRAJ_TOL = TRAJECTORY
 
 # id -> reference keywords (weight_decay comes from the case)
 ADAM_MODES = {
@@ -190,8 +185,8 @@ class AdamRun:
         return out
 
     def step(self, grads, hyper, **kw):
-        adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.steps,
-                  hyper, cache=self.cache, **kw)
+        return adam_call(triton_kernels, self.params, grads, self.exp_avgs, self.exp_avg_sqs,
+                         self.max_exp_avg_sqs, self.steps, hyper, cache=self.cache, **kw)
 
     def check(self, what: str, expected, tol_table) -> None:
         for i, (p_ref, st) in enumerate(expected):
@@ -236,7 +231,7 @@ class SgdRun:
         return out
 
     def step(self, grads, hyper, **kw):
-        sgd_step(self.params, grads, self.bufs, list(self.first), hyper, cache=self.cache, **kw)
+        sgd_call(triton_kernels, self.params, grads, self.bufs, list(self.first), hyper, cache=self.cache, **kw)
         self.first = [False] * len(self.first)
 
     def check(self, what: str, expected, tol_table) -> None:
@@ -338,7 +333,7 @@ def test_sgd_found_inf_writes_nothing(dtype_id):
     grads[2].view(-1)[5] = math.nan
     tensors = run.params + run.bufs
     before = [t.clone() for t in tensors]
-    sgd_step(run.params, grads, run.bufs, list(run.first), _sgd_hyper(LR0, 0.1, kw), cache=run.cache,
+    sgd_call(triton_kernels, run.params, grads, run.bufs, list(run.first), _sgd_hyper(LR0, 0.1, kw), cache=run.cache,
              found_inf=_scalar(1.0))
     assert all(_same_bits(a, b) for a, b in zip(tensors, before))
     grads = run.grads()
@@ -412,7 +407,7 @@ def test_unaligned_views_leave_neighbours_alone():
     expected = [(_np(p), {"step": 2, "exp_avg": _np(m), "exp_avg_sq": _np(v)})
                 for p, m, v in zip(params, exp_avgs, exp_avg_sqs)]
     grads = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
-    adam_step(params, grads, exp_avgs, exp_avg_sqs, None, steps, _adam_hyper(LR0, 0.1, ADAM_MODES["adamw"]),
+    adam_call(triton_kernels, params, grads, exp_avgs, exp_avg_sqs, None, steps, _adam_hyper(LR0, 0.1, ADAM_MODES["adamw"]),
               cache={})
     _ref_adam(expected, grads, LR0, 0.1, ADAM_MODES["adamw"])
     for i, (p_ref, st) in enumerate(expected):
@@ -434,16 +429,17 @@ def test_cache_follows_the_tensors():
     kw = ADAM_MODES["adamw"]
     shapes = [(7,), (0,), (4097,)]
     run = AdamRun(seed=8, dtype_id="fp32", amsgrad=False, shapes=shapes, initial_steps=(0, 0, 5))
-    run.step(run.grads(), _adam_hyper(LR0, 0.1, kw))
-    entry = run.cache["triton_adam"]
-    table = entry.table
+    batch = run.step(run.grads(), _adam_hyper(LR0, 0.1, kw))
+    entry = batch.resources["triton_tables"]
+    table, chunks = entry.table, entry.chunks
     grads = run.grads()  # new tensors: new addresses
     expected = run.snapshot()
     _ref_adam(expected, grads, LR0, 0.1, kw)
-    run.step(grads, _adam_hyper(LR0, 0.1, kw))
+    assert run.step(grads, _adam_hyper(LR0, 0.1, kw)) is batch
     run.check("new grads", expected, STEP_TOL)
-    assert run.cache["triton_adam"] is entry and entry.table is table
-    assert int(entry.host[2, triton_adam.AdamColumn.GRAD]) == grads[2].data_ptr()
+    entry = batch.resources["triton_tables"]
+    assert entry.table is table and entry.chunks is chunks  # the same tables, one column rewritten
+    assert int(entry.table[2, triton_adam.AdamColumn.GRAD]) == grads[2].data_ptr()
 
     # Another tensor list with the same cache: the first and the last tensor,
     # swapped.
@@ -455,9 +451,9 @@ def test_cache_follows_the_tensors():
     grads = sub.grads()
     expected = sub.snapshot()
     _ref_adam(expected, grads, LR0, 0.1, kw)
-    sub.step(grads, _adam_hyper(LR0, 0.1, kw))
+    other = sub.step(grads, _adam_hyper(LR0, 0.1, kw))
     sub.check("other list", expected, STEP_TOL)
-    assert run.cache["triton_adam"] is not entry
+    assert other is not batch and other.resources["triton_tables"].table.shape[0] == 2
     assert run.steps[1].item() == 2.0
 
 
@@ -486,7 +482,7 @@ def test_16bit_stores_round_to_nearest_even(dtype_id):
     run.first = [True]
     grads = run.grads()
     grads[0][:3] = torch.tensor([math.nan, math.inf, -math.inf], dtype=run.dtype)
-    sgd_step(run.params, grads, run.bufs, run.first, _sgd_hyper(LR0, 0.0, SGD_MODES["sgd-momentum-dampening"]),
+    sgd_call(triton_kernels, run.params, grads, run.bufs, run.first, _sgd_hyper(LR0, 0.0, SGD_MODES["sgd-momentum-dampening"]),
              grad_scale=_scalar(3.0))
     expected = (grads[0].float() / 3.0).to(run.dtype)
     assert _same_bits(run.bufs[0][3:], expected[3:])
@@ -496,11 +492,11 @@ def test_16bit_stores_round_to_nearest_even(dtype_id):
 
 def test_bad_scalar_tensors_are_rejected():
     run = AdamRun(seed=11, dtype_id="fp32", amsgrad=False)
-    with pytest.raises(ValueError, match="lr_tensor"):
+    with pytest.raises(ValueError, match="lr must be"):
         run.step(run.grads(), _adam_hyper(LR0, 0.0, ADAM_MODES["adamw"]),
                  lr_tensor=torch.tensor([LR0], dtype=torch.float64, device=DEVICE))
     run.steps[1] = torch.tensor(3, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(ValueError, match=r"steps\[1\]"):
+    with pytest.raises(ValueError, match=r"step. of params\[1\]"):
         run.step(run.grads(), _adam_hyper(LR0, 0.0, ADAM_MODES["adamw"]))
 
 

@@ -2,10 +2,11 @@
 
 Two launchers with the backend contract of python/fused_adamw/hyper.py:
 
-    adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, *,
-              lr_tensor=None, grad_scale=None, found_inf=None, cache=None)
-    sgd_step(params, grads, momentum_buffers, first_step, hyper, *,
-             lr_tensor=None, grad_scale=None, found_inf=None, cache=None)
+    adam_step(batch, hyper, *, grad_scale=None, found_inf=None)
+    sgd_step(batch, hyper, *, grad_scale=None, found_inf=None)
+
+(batch: a fused_adamw.plan.Batch, the validated tensors of one (device,
+dtype) bucket with their address table).
 
 Each updates all tensors of one (device, dtype) group with one launch of the
 update kernel (adam.py, sgd.py), hyperparameters passed as runtime float64

@@ -3,10 +3,10 @@
   * device checks and launch sizes (compiled on CUDA, or the Triton
     interpreter on CPU tensors when TRITON_INTERPRET=1 was set before triton
     was imported);
-  * the address table and the chunk table of one tensor list, cached in the
-    caller's `cache` dict across steps (native interface of DESIGN.md: one
-    int64 row of element count and addresses per tensor; a chunk row is
-    (tensor row, first element));
+  * the device copy of a batch's address table (built by the plan,
+    python/fused_adamw/plan.py) and its chunk table, kept in the batch's
+    resources across steps (one int64 row of element count and addresses
+    per tensor; a chunk row is (tensor row, first element));
   * small @triton.jit helpers that the kernels call to mirror
     csrc/include/fused_adamw/update.h exactly: IEEE-rounded sqrt and division
     (Triton's plain fp32 `/` and tl.sqrt are approximate on NVIDIA GPUs, the
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -86,44 +86,17 @@ def check_scalar(name: str, t: Optional[torch.Tensor], device: torch.device) -> 
         )
 
 
-def check_steps(steps: Sequence[torch.Tensor], device: torch.device) -> None:
-    """The kernels read and write each step as one float32 on the params' device."""
-    for i, s in enumerate(steps):
-        if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
-            raise ValueError(
-                f"steps[{i}] must be a 1-element float32 tensor on {device}, "
-                f"got {tuple(s.shape)} {s.dtype} on {s.device}"
-            )
-
-
-def ptrs(tensors: Optional[Sequence[torch.Tensor]], n: int) -> list[int]:
-    """Data addresses of `tensors`, or n zeros when the list is absent."""
-    if tensors is None:
-        return [0] * n
-    if len(tensors) != n:
-        raise ValueError(f"expected {n} tensors, got {len(tensors)}")
-    return [t.data_ptr() for t in tensors]
-
-
 @dataclass
 class Tables:
-    """The cached tables of one tensor list.
+    """The device copies of one batch's address table, and its chunk table.
 
-    fixed: what must not change for the tables to stay valid (device, numels,
-    addresses of params, state and steps). varying: the columns that may
-    change from step to step (grads, which backward may reallocate; SGD's
-    first-step flags), updated in place when they do.
-    """
-    fixed: tuple
-    varying: dict[int, list[int]]
-    host: torch.Tensor      # int64 [n, ncols] on the CPU
-    table: torch.Tensor     # the same on the params' device (host itself on CPU)
-    chunks: torch.Tensor    # int64 [n_chunks, 2]: (row, first element), on the device
-    aligned: bool           # every address is a multiple of 16 bytes
-
-
-def _all_aligned(values) -> bool:
-    return all(a % _ALIGN_BYTES == 0 for a in values)
+    table: int64 [n, ncols] on the params' device (the batch's own host table
+    on CPU); chunks: int64 [n_chunks, 2] of (row, first element); aligned:
+    every address column is a multiple of 16 bytes (vector loads)."""
+    key: tuple
+    table: torch.Tensor
+    chunks: torch.Tensor
+    aligned: bool
 
 
 def _chunk_table(numels: list[int], chunk: int, device: torch.device) -> torch.Tensor:
@@ -135,50 +108,30 @@ def _chunk_table(numels: list[int], chunk: int, device: torch.device) -> torch.T
     return torch.stack([rows, starts], dim=1).contiguous().to(device)
 
 
-def tables(cache: Optional[dict], key: str, device: torch.device, config: LaunchConfig,
-           numels: list[int], fixed_cols: dict[int, list[int]], varying_cols: dict[int, list[int]],
-           ncols: int, flag_cols: frozenset = frozenset(),
-           validate: Optional[Callable[[], None]] = None) -> Tables:
-    """The address and chunk tables for these tensors, from `cache` when they
-    still describe them. Column 0 is numel; fixed_cols / varying_cols map a
-    column to its per-tensor values (addresses, except the columns named in
-    flag_cols). A change in a varying column costs one small host-to-device
-    copy of the table; a change in anything else rebuilds both tables, after
-    `validate()` (checks worth doing once per tensor set, not every step)."""
-    fixed = (device, config.chunk, tuple(numels)) + tuple(tuple(fixed_cols[c]) for c in sorted(fixed_cols))
-    entry = cache.get(key) if cache is not None else None
-    if entry is not None and entry.fixed == fixed:
-        changed = False
-        for col, values in varying_cols.items():
-            old = entry.varying[col]
-            if old != values:
-                entry.host[:, col] = torch.tensor(values, dtype=torch.int64)
-                entry.varying[col] = list(values)
-                changed = True
-        if changed:
-            if entry.table is not entry.host:
-                entry.table.copy_(entry.host)
-            entry.aligned = _aligned({**fixed_cols, **entry.varying}, flag_cols)
+def tables(batch, config: LaunchConfig, address_cols: Sequence[int]) -> Tables:
+    """The tables of `batch` (plan.Batch), derived from its host table and
+    kept in batch.resources while the batch and its table version stay the
+    same: a new version (a grad or param moved) costs one host-to-device copy;
+    a new batch (the plan rebuilt) also a new chunk table."""
+    key = (id(batch), batch.version, config.chunk)
+    entry = batch.resources.get("triton_tables")
+    if entry is not None and entry.key == key:
         return entry
-
-    if validate is not None:
-        validate()
-    n = len(numels)
-    host = torch.zeros((n, ncols), dtype=torch.int64)
-    host[:, 0] = torch.tensor(numels, dtype=torch.int64)
-    for col, values in list(fixed_cols.items()) + list(varying_cols.items()):
-        host[:, col] = torch.tensor(values, dtype=torch.int64)
-    table = host if device.type == "cpu" else host.to(device)
-    entry = Tables(fixed=fixed, varying={c: list(v) for c, v in varying_cols.items()}, host=host,
-                   table=table, chunks=_chunk_table(numels, config.chunk, device),
-                   aligned=_aligned({**fixed_cols, **varying_cols}, flag_cols))
-    if cache is not None:
-        cache[key] = entry
+    host = batch.table
+    if entry is not None and entry.key[0] == id(batch) and entry.key[2] == config.chunk:
+        chunks = entry.chunks   # same tensors, same sizes: only addresses moved
+        if entry.table is not host:
+            entry.table.copy_(host)
+        table = entry.table
+    else:
+        table = host if batch.device.type == "cpu" else host.to(batch.device)
+        chunks = _chunk_table(host[:, 0].tolist(), config.chunk, batch.device)
+    aligned = bool((host[:, list(address_cols)] % _ALIGN_BYTES == 0).all())
+    entry = Tables(key=key, table=table, chunks=chunks, aligned=aligned)
+    # The batch itself is held, so that its id cannot be reused while cached.
+    batch.resources["triton_tables"] = entry
+    batch.resources["triton_batch"] = batch
     return entry
-
-
-def _aligned(cols: dict[int, list[int]], flag_cols: frozenset) -> bool:
-    return all(_all_aligned(v) for c, v in cols.items() if c not in flag_cols)
 
 
 # ------------------------------------------------------------------ kernels

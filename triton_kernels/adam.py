@@ -25,7 +25,7 @@ triton is imported (tests/test_triton_kernels.py).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
@@ -166,39 +166,25 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-              exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-              max_exp_avg_sqs: Optional[Sequence[torch.Tensor]], steps: Sequence[torch.Tensor],
-              hyper: AdamHyper, *, lr_tensor: Optional[torch.Tensor] = None,
-              grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
-              cache: Optional[dict] = None) -> None:
-    """One Adam / AdamW step over all tensors (the contract of hyper.py)."""
-    n = len(params)
+_ADDRESS_COLS = (AdamColumn.PARAM, AdamColumn.GRAD, AdamColumn.EXP_AVG, AdamColumn.EXP_AVG_SQ,
+                  AdamColumn.MAX_EXP_AVG_SQ, AdamColumn.STEP)
+
+
+def adam_step(batch, hyper: AdamHyper, *, grad_scale: Optional[torch.Tensor] = None,
+              found_inf: Optional[torch.Tensor] = None) -> None:
+    """One Adam / AdamW step over all of the batch's tensors (the contract of hyper.py)."""
+    n = len(batch.params)
     if n == 0:
         return
-    device = params[0].device
+    device = batch.device
     config = _common.launch_config(device)
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+    lr_tensor = hyper.lr if isinstance(hyper.lr, torch.Tensor) else None
+    for name, t in (("lr", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         _common.check_scalar(name, t, device)
-    if hyper.amsgrad and max_exp_avg_sqs is None:
+    if hyper.amsgrad and batch.max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
-    param_dtype = params[0].dtype
-    state_dtype = exp_avgs[0].dtype
-    math_dtype = tl.float64 if param_dtype == torch.float64 else tl.float32
-
-    t = _common.tables(
-        cache, "triton_adam", device, config,
-        numels=[p.numel() for p in params],
-        fixed_cols={
-            AdamColumn.PARAM: _common.ptrs(params, n),
-            AdamColumn.EXP_AVG: _common.ptrs(exp_avgs, n),
-            AdamColumn.EXP_AVG_SQ: _common.ptrs(exp_avg_sqs, n),
-            AdamColumn.MAX_EXP_AVG_SQ: _common.ptrs(max_exp_avg_sqs if hyper.amsgrad else None, n),
-            AdamColumn.STEP: _common.ptrs(steps, n),
-        },
-        varying_cols={AdamColumn.GRAD: _common.ptrs(grads, n)},
-        ncols=_NCOLS, validate=lambda: _common.check_steps(steps, device),
-    )
+    math_dtype = tl.float64 if batch.dtype == torch.float64 else tl.float32
+    t = _common.tables(batch, config, _ADDRESS_COLS)
     n_chunks = t.chunks.shape[0]
     if n_chunks > 0:
         dummy = t.table  # stands in for absent scalar tensors; never read
@@ -207,11 +193,11 @@ def adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             lr_tensor if lr_tensor is not None else dummy,
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
-            float(hyper.lr), float(hyper.beta1), float(hyper.beta2), float(hyper.eps),
-            float(hyper.weight_decay), float(hyper.decay_coeff),
+            float(hyper.lr) if lr_tensor is None else 0.0, float(hyper.beta1), float(hyper.beta2),
+            float(hyper.eps), float(hyper.weight_decay), float(hyper.decay_coeff),
             _log(float(hyper.beta1)), _log(float(hyper.beta2)),
-            PARAM_DTYPE=_common.TL_DTYPE[param_dtype], STATE_DTYPE=_common.TL_DTYPE[state_dtype], MATH=math_dtype,
-            AMSGRAD=bool(hyper.amsgrad), MAXIMIZE=bool(hyper.maximize),
+            PARAM_DTYPE=_common.TL_DTYPE[batch.dtype], STATE_DTYPE=_common.TL_DTYPE[batch.state_dtype],
+            MATH=math_dtype, AMSGRAD=bool(hyper.amsgrad), MAXIMIZE=bool(hyper.maximize),
             USE_L2=(not hyper.decoupled) and hyper.weight_decay != 0.0,
             USE_DECAY=bool(hyper.decoupled) and hyper.decay_coeff != 0.0,
             HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,

@@ -19,7 +19,7 @@ triton is imported (tests/test_triton_kernels.py).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
@@ -163,42 +163,25 @@ def _sgd_kernel(table, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr,
                    ALIGNED, BLOCK)
 
 
-def sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-             momentum_buffers: Optional[Sequence[torch.Tensor]], first_step: Sequence[bool],
-             hyper: SgdHyper, *, lr_tensor: Optional[torch.Tensor] = None,
-             grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
-             cache: Optional[dict] = None) -> None:
-    """One SGD / SGDW step over all tensors (the contract of hyper.py)."""
-    n = len(params)
+_ADDRESS_COLS = (SgdColumn.PARAM, SgdColumn.GRAD, SgdColumn.MOMENTUM_BUFFER)
+
+
+def sgd_step(batch, hyper: SgdHyper, *, grad_scale: Optional[torch.Tensor] = None,
+             found_inf: Optional[torch.Tensor] = None) -> None:
+    """One SGD / SGDW step over all of the batch's tensors (the contract of hyper.py)."""
+    n = len(batch.params)
     if n == 0:
         return
-    device = params[0].device
+    device = batch.device
     config = _common.launch_config(device)
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+    lr_tensor = hyper.lr if isinstance(hyper.lr, torch.Tensor) else None
+    for name, t in (("lr", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         _common.check_scalar(name, t, device)
     use_momentum = hyper.momentum != 0.0
-    if use_momentum and momentum_buffers is None:
+    if use_momentum and batch.momentum_buffers is None:
         raise ValueError("momentum != 0 needs momentum_buffers")
-    param_dtype = params[0].dtype
-    state_dtype = momentum_buffers[0].dtype if use_momentum else param_dtype
-    math_dtype = tl.float64 if param_dtype == torch.float64 else tl.float32
-    if use_momentum:
-        if len(first_step) != n:
-            raise ValueError(f"first_step has {len(first_step)} flags for {n} params")
-        flags = [1 if f else 0 for f in first_step]
-    else:
-        flags = [0] * n
-
-    t = _common.tables(
-        cache, "triton_sgd", device, config,
-        numels=[p.numel() for p in params],
-        fixed_cols={
-            SgdColumn.PARAM: _common.ptrs(params, n),
-            SgdColumn.MOMENTUM_BUFFER: _common.ptrs(momentum_buffers if use_momentum else None, n),
-        },
-        varying_cols={SgdColumn.GRAD: _common.ptrs(grads, n), SgdColumn.FIRST_STEP: flags},
-        ncols=_NCOLS, flag_cols=frozenset({SgdColumn.FIRST_STEP}),
-    )
+    math_dtype = tl.float64 if batch.dtype == torch.float64 else tl.float32
+    t = _common.tables(batch, config, _ADDRESS_COLS)
     n_chunks = t.chunks.shape[0]
     if n_chunks == 0:
         return
@@ -208,10 +191,11 @@ def sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         lr_tensor if lr_tensor is not None else dummy,
         grad_scale if grad_scale is not None else dummy,
         found_inf if found_inf is not None else dummy,
-        float(hyper.lr), float(hyper.momentum), float(hyper.dampening),
+        float(hyper.lr) if lr_tensor is None else 0.0, float(hyper.momentum), float(hyper.dampening),
         float(hyper.weight_decay), float(hyper.decay_coeff),
-        PARAM_DTYPE=_common.TL_DTYPE[param_dtype], STATE_DTYPE=_common.TL_DTYPE[state_dtype], MATH=math_dtype,
-        USE_MOMENTUM=use_momentum, NESTEROV=bool(hyper.nesterov), MAXIMIZE=bool(hyper.maximize),
+        PARAM_DTYPE=_common.TL_DTYPE[batch.dtype], STATE_DTYPE=_common.TL_DTYPE[batch.state_dtype],
+        MATH=math_dtype, USE_MOMENTUM=use_momentum, NESTEROV=bool(hyper.nesterov),
+        MAXIMIZE=bool(hyper.maximize),
         USE_L2=(not hyper.decoupled) and hyper.weight_decay != 0.0,
         USE_DECAY=bool(hyper.decoupled) and hyper.decay_coeff != 0.0,
         HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,

@@ -49,12 +49,15 @@ def _skip(found_inf) -> bool:
     return found_inf is not None and float(found_inf) != 0.0
 
 
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper: AdamHyper, *,
-              lr_tensor=None, grad_scale=None, found_inf=None, cache=None) -> None:
+def adam_step(batch, hyper: AdamHyper, *, grad_scale=None, found_inf=None) -> None:
+    params, grads, steps = batch.params, batch.grads, batch.steps
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs
     if not params or _skip(found_inf):
         return
-    lr = float(lr_tensor) if lr_tensor is not None else hyper.lr
     torch._foreach_add_(steps, 1.0)
+    if batch.device.type == "meta":  # no values to compute (torch.optim runs on meta too)
+        return
+    lr = float(hyper.lr)
     counts = [float(s) for s in steps]
     step_sizes = [-lr / (1.0 - hyper.beta1 ** t) for t in counts]
     bc2_sqrts = [math.sqrt(1.0 - hyper.beta2 ** t) for t in counts]
@@ -84,11 +87,12 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hype
     _write_back(params, p)
 
 
-def sgd_step(params, grads, momentum_buffers, first_step, hyper: SgdHyper, *,
-             lr_tensor=None, grad_scale=None, found_inf=None, cache=None) -> None:
-    if not params or _skip(found_inf):
+def sgd_step(batch, hyper: SgdHyper, *, grad_scale=None, found_inf=None) -> None:
+    params, grads = batch.params, batch.grads
+    momentum_buffers, first_step = batch.momentum_buffers, batch.first_step
+    if not params or _skip(found_inf) or batch.device.type == "meta":
         return
-    lr = float(lr_tensor) if lr_tensor is not None else hyper.lr
+    lr = float(hyper.lr)
     p = _math(params)
     use_l2 = not hyper.decoupled and hyper.weight_decay != 0.0
     g = _effective_grads(grads, p, hyper.maximize, use_l2, hyper.weight_decay, grad_scale)

@@ -1,50 +1,53 @@
 """Hyperparameters of one fused step, and the contract every backend meets.
 
 The optimizer classes (optim.py) compute these once per param group and step;
-dispatch.py hands them, with lists of validated tensors, to a backend. The
-fields mirror the C++ structs in csrc/include/fused_adamw/update.h, which hold
-the per-element math that all backends share.
+the group's plan (plan.py) hands them, with a Batch of validated tensors, to a
+backend. The field names are those of the C++ field lists in
+csrc/include/fused_adamw/update.h (tests/test_optim_api.py compares them),
+which hold the per-element math that all backends share.
 
-Backend contract (fused_adamw.backend_cpu, backend_cuda, backend_torch and
-fused_adamw.triton_kernels each provide both functions):
+Backend contract (fused_adamw.backend_cpu, backend_cuda, backend_torch,
+backend_functional and fused_adamw.triton_kernels each provide both):
 
-    adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-              hyper: AdamHyper, *, lr_tensor=None, grad_scale=None,
-              found_inf=None, cache=None) -> None
-    sgd_step(params, grads, momentum_buffers, first_step, hyper: SgdHyper, *,
-             lr_tensor=None, grad_scale=None, found_inf=None, cache=None) -> None
+    adam_step(batch: plan.Batch, hyper: AdamHyper, *, grad_scale=None, found_inf=None) -> None
+    sgd_step(batch: plan.Batch, hyper: SgdHyper, *, grad_scale=None, found_inf=None) -> None
 
-What the caller (dispatch.py) guarantees:
+What the caller (plan.py, which builds the Batch) guarantees:
   * every tensor is on one device; params and grads share one dtype
     (float32, float64, float16 or bfloat16); the state tensors (exp_avg,
     exp_avg_sq, max_exp_avg_sq, momentum_buffer) share one dtype, the params'
     or float32; each state tensor and grad has its param's numel and strides,
     and every param is non-overlapping and dense, so a flat loop over its
     storage is the update; no two params or state tensors overlap in memory.
-  * max_exp_avg_sqs is None unless hyper.amsgrad; momentum_buffers is None
-    when hyper.momentum == 0, and first_step[i] is True where buffer i was just
-    allocated (the update sets it to g rather than reading it).
-  * steps[i] is param i's step count: a float32 scalar tensor, on the params'
+  * batch.max_exp_avg_sqs is None unless hyper.amsgrad; batch.momentum_buffers
+    is None when hyper.momentum == 0, and batch.first_step[i] is True where
+    buffer i was just allocated (the update sets it to g rather than reading it).
+  * batch.steps[i] is param i's step count: a float32 scalar tensor, on the params'
     device for the kernel backends. The backend adds 1 to every step, then uses
     each tensor's own count for its bias corrections (t = step after the add).
-  * lr_tensor, when given (capturable), is a 1-element float32 tensor on the
-    params' device holding the learning rate; the backend must read it there
-    (no host sync) and ignore hyper.lr.
+  * hyper.lr is one value: a float, or (capturable) a 1-element float32
+    tensor on the params' device, which a device backend reads there (no host
+    sync).
   * grad_scale / found_inf, when given, are 1-element float32 tensors on the
     params' device (torch's GradScaler). The grad is divided by grad_scale;
     when found_inf != 0 nothing is written at all, steps included.
-  * cache is a dict the caller keeps for this (device, dtype) bucket across
-    steps; the backend may keep address tables in it and must check that they
-    still describe the tensors it was given.
+  * batch.table (kernel backends) describes exactly these tensors; its
+    `version` changes whenever its contents do; batch.resources is the
+    backend's own dict for this (backend, device, dtype), kept across steps
+    and rebuilds, for what it derives from the table (device copies) or holds
+    long (a CUDA workspace).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
+
+import torch
 
 
 @dataclass
 class AdamHyper:
-    lr: float = 1e-3
+    lr: Union[float, torch.Tensor] = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -60,7 +63,7 @@ class AdamHyper:
 
 @dataclass
 class SgdHyper:
-    lr: float = 1e-3
+    lr: Union[float, torch.Tensor] = 1e-3
     momentum: float = 0.0
     dampening: float = 0.0
     weight_decay: float = 0.0

@@ -7,21 +7,24 @@ Algorithm 1 (SGD with L2, or SGDW), with the schedule multiplier eta_t.
 
 These classes validate arguments, own `param_groups` and `state` under torch's
 names and layout (so state dicts move both ways between this package and
-torch.optim), compute the per-step scalars once per group, and make one call
-into dispatch.py. The per-element math is in csrc/include/fused_adamw/update.h
+torch.optim), compute the per-step scalars once per group, and hand each
+group to its plan (plan.py), which owns everything a step keeps between
+steps and calls the backends. The per-element math is in csrc/include/fused_adamw/update.h
 (and its Triton and foreach mirrors), never here.
 
 Decay conventions (`decay_scaling`):
   "lr"        p <- p * (1 - lr * weight_decay)            torch, optax, Keras
   "schedule"  p <- p * (1 - eta_t * weight_decay),        the paper
-              eta_t = lr / initial_lr
-`initial_lr` is the group's "initial_lr" (set by torch's LR schedulers) or,
-when absent, the lr the group had when the optimizer first saw it (kept in the
-group as "decay_base_lr", so it survives a state-dict round trip).
+              eta_t = lr / decay_base_lr
+`decay_base_lr`, the lr at which eta_t = 1, is the keyword when given, else
+the group's "initial_lr" (set by torch's LR schedulers), else the lr the group
+had when the optimizer first saw it (kept as "first_lr", so it survives a
+state-dict round trip).
 """
 from __future__ import annotations
 
-import operator
+import numbers
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Optional
 
@@ -30,108 +33,167 @@ from torch.optim import Optimizer
 
 from . import dispatch
 from .hyper import AdamHyper, SgdHyper
+from .plan import GroupPlan
 
 DECAY_SCALINGS = ("lr", "schedule")
 
 # Group keys this package adds to torch's; carried over from the optimizer's own
 # configuration when a state dict that lacks them (one saved by torch.optim) is loaded.
-_OWN_KEYS = ("decay_scaling", "state_dtype", "backend", "decay_base_lr", "decoupled_weight_decay")
+_OWN_KEYS = ("decay_scaling", "state_dtype", "backend", "decay_base_lr", "first_lr", "decoupled_weight_decay")
+
+
+class DecayScheduleWarning(UserWarning):
+    """decay_scaling="schedule" with a setting that is almost certainly a
+    mistake (README.md, "Decay conventions")."""
 
 
 def _as_float(x: Any, name: str) -> float:
+    """A hyperparameter as a float: numbers and 1-element tensors; a string
+    (from a config file, say) is a TypeError, as in torch.optim."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
-            raise ValueError(f"{name} as a Tensor must have one element, got shape {tuple(x.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element")
         return float(x.item())
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number or a 1-element tensor, got {type(x).__name__}") from None
+    if isinstance(x, (str, bytes)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
+class _VersionedDict(dict):
+    """A param's state dict that bumps its optimizer state's version on every
+    assignment, so the plan (plan.py) sees `opt.state[p]["exp_avg"] = t` in
+    O(1). Reads are a plain dict's."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: "_VersionedState", *args) -> None:
+        super().__init__(*args)
+        self._owner = owner
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+def _bumping(base, name: str):
+    def method(self, *args, **kwargs):
+        (self if isinstance(self, _VersionedState) else self._owner).version += 1
+        return getattr(base, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
+    setattr(_VersionedDict, _name, _bumping(dict, _name))
 
 
 class _VersionedState(defaultdict):
     """torch's `Optimizer.state` (a defaultdict of per-param dicts) that counts
-    its assignments, so the per-step gather cache sees `opt.state[p] = {...}`
-    in O(1). state_dict() copies its items into plain dicts, so checkpoints
-    hold no trace of this class."""
+    assignments to itself and to the per-param dicts it holds (each held as a
+    _VersionedDict). state_dict() copies into plain dicts, so checkpoints hold
+    no trace of these classes."""
 
-    def __init__(self, *args) -> None:
-        super().__init__(dict, *args)
+    def __init__(self, items=()) -> None:
+        super().__init__(None)
         self.version = 0
+        for k, v in dict(items).items():
+            self[k] = v
+
+    def __missing__(self, key):
+        self[key] = {}
+        return defaultdict.__getitem__(self, key)  # the stored (versioned) dict
 
     def __setitem__(self, key, value) -> None:
         self.version += 1
-        super().__setitem__(key, value)
+        if isinstance(value, dict) and not (isinstance(value, _VersionedDict) and value._owner is self):
+            value = _VersionedDict(self, value)
+        defaultdict.__setitem__(self, key, value)
 
     def __delitem__(self, key) -> None:
         self.version += 1
-        super().__delitem__(key)
+        defaultdict.__delitem__(self, key)
 
-    def _bump(name):  # noqa: N805 - a helper that builds methods
-        def method(self, *args, **kwargs):
-            self.version += 1
-            return getattr(defaultdict, name)(self, *args, **kwargs)
-        method.__name__ = name
-        return method
+    def update(self, *args, **kwargs) -> None:
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
 
-    pop = _bump("pop")
-    popitem = _bump("popitem")
-    clear = _bump("clear")
-    update = _bump("update")
-    setdefault = _bump("setdefault")
-    del _bump
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default if default is not None else {}
+        return self[key]
 
     def __reduce__(self):
-        return (_VersionedState, (dict(self),))
+        return (_VersionedState, ({k: dict(v) if isinstance(v, dict) else v for k, v in self.items()},))
+
+
+for _name in ("pop", "popitem", "clear"):
+    setattr(_VersionedState, _name, _bumping(defaultdict, _name))
+del _name
 
 
 class _FusedOptimizer(Optimizer):
-    """Shared plumbing: argument checks, state-dict compatibility, AMP hooks."""
+    """Shared plumbing: argument checks, the per-group plans, state-dict
+    compatibility, AMP hooks. Subclasses set ALGO and implement _hyper,
+    _check_hyper and _init_state."""
+
+    ALGO = ""
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
-        if defaults.get("differentiable"):
-            raise ValueError(
-                "differentiable=True is not supported: fused kernels update in place outside autograd; "
-                "use torch.optim with differentiable=True"
-            )
-        self._caches: dict[int, dict] = {}
+        # Hyperparameters first, as torch.optim checks them (before params).
+        self._check_hyper(defaults)
+        self._plans: dict[int, tuple[dict, GroupPlan]] = {}
+        self._warned: set[str] = set()
         super().__init__(params, defaults)
-        self.state = _VersionedState(self.state)
         # GradScaler hands grad_scale / found_inf to step() as attributes
         # instead of unscaling the grads itself (one pass fewer over memory).
         self._step_supports_amp_scaling = True
 
+    # `opt.state = ...` (torch's own __init__ and load, or a user's reset with
+    # a fresh defaultdict) always yields a versioned state.
+    @property
+    def state(self) -> _VersionedState:
+        return self.__dict__["state"]
+
+    @state.setter
+    def state(self, value) -> None:
+        if not isinstance(value, _VersionedState):
+            value = _VersionedState(value)
+        self.__dict__["state"] = value
+
     # ------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        params = list(params)
-        seen: set[int] = set()
-        for i, p in enumerate(params):
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
-            if id(p) in seen:
-                raise ValueError(
-                    f"params[{i}] appears twice in one parameter group; a fused step would update it twice"
-                )
-            seen.add(id(p))
-        param_group = dict(param_group, params=params)
+        """torch's add_param_group (named params included), after this
+        package's checks: hyperparameters first, as torch; a param twice in
+        one group is an error, not torch's warning, since a fused step would
+        update it twice."""
+        if isinstance(param_group, dict):
+            self._check_hyper({**self.defaults, **param_group})
+            params = param_group.get("params")
+            if params is not None and not isinstance(params, (torch.Tensor, set)):
+                params = list(params)  # a generator is read once, here
+                seen: set[int] = set()
+                for i, p in enumerate(params):
+                    t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+                    if id(t) in seen:
+                        raise ValueError(f"params[{i}] appears twice in one parameter group; a fused step "
+                                         "would update it twice (torch.optim only warns)")
+                    seen.add(id(t))
+                param_group = dict(param_group, params=params)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._check_group(group)
-        group.setdefault("decay_base_lr", _as_float(group["lr"], "lr"))
+        group.setdefault("first_lr", _as_float(group["lr"], "lr"))
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        """The checks every group's hyperparameters pass, with torch.optim's
+        exception types and messages where torch has the check."""
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError(f"lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
+            raise ValueError("Tensor lr must be 1-element")
         lr_value = _as_float(lr, "lr")
-        if not lr_value >= 0.0:
-            raise ValueError(f"Invalid learning rate: lr={lr_value} (must be >= 0)")
-        wd = group["weight_decay"]
-        if not _as_float(wd, "weight_decay") >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {wd} (must be >= 0)")
+        if not 0.0 <= lr_value:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        wd = _as_float(group["weight_decay"], "weight_decay")
+        if not 0.0 <= wd:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
         if group["decay_scaling"] not in DECAY_SCALINGS:
             raise ValueError(f"Invalid decay_scaling={group['decay_scaling']!r}: expected one of {DECAY_SCALINGS}")
         if group["backend"] not in dispatch.BACKENDS:
@@ -139,18 +201,25 @@ class _FusedOptimizer(Optimizer):
         sd = group["state_dtype"]
         if sd is not None and sd != torch.float32:
             raise ValueError(f"Invalid state_dtype={sd}: expected None (the param's dtype) or torch.float32")
-        if group.get("differentiable"):
-            raise ValueError("differentiable=True is not supported by fused_adamw")
+        base = group.get("decay_base_lr")
+        if base is not None and not _as_float(base, "decay_base_lr") > 0.0:
+            raise ValueError(f"Invalid decay_base_lr={base}: the lr at which eta_t = 1 must be > 0")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            group.setdefault("decay_base_lr", _as_float(group["lr"], "lr"))
-        if not isinstance(self.state, _VersionedState):
-            self.state = _VersionedState(self.state)
-        self._caches = {}
+            group.setdefault("first_lr", _as_float(group["lr"], "lr"))
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_warned", set())
+        self._plans = {}
+        self.state = self.__dict__.get("state", {})
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, then this package's conventions.
@@ -186,7 +255,7 @@ class _FusedOptimizer(Optimizer):
                 if key == "step":
                     st[key] = torch.as_tensor(value).detach().to(device=p.device, dtype=torch.float32).clone()
                 elif isinstance(value, torch.Tensor) and value.shape == p.shape:
-                    t = torch.empty_like(p, dtype=sd)
+                    t = torch.empty_like(p, dtype=sd if not p.is_complex() else None)
                     st[key] = t.copy_(value.detach())
 
     def _fixed_decoupled(self) -> bool:
@@ -194,27 +263,54 @@ class _FusedOptimizer(Optimizer):
         return False
 
     # ------------------------------------------------------------ per step
+    def _lr(self, group: dict[str, Any]):
+        """The group's lr as the one value the backends take: a float, or
+        (capturable) the group's own 1-element tensor."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and group.get("capturable"):
+            return lr if lr.dtype == torch.float32 and lr.numel() == 1 else lr.reshape(1).float()
+        return _as_float(lr, "lr")
+
     def _decay_coeff(self, group: dict[str, Any], lr: float) -> float:
+        """weight_decay ("lr") or weight_decay / decay_base (the paper's
+        eta_t * lambda with eta_t = lr / decay_base, "schedule")."""
         wd = float(group["weight_decay"])
         if group["decay_scaling"] == "lr" or wd == 0.0:
             return wd
-        initial = group.get("initial_lr", group["decay_base_lr"])
-        initial = _as_float(initial, "initial_lr")
-        if initial <= 0.0:
+        base = group.get("decay_base_lr")
+        if base is None:
+            base = group.get("initial_lr", group["first_lr"])
+        base = _as_float(base, "decay_base_lr")
+        if base <= 0.0:
             raise ValueError(
-                f"decay_scaling='schedule' divides by the initial lr, which is {initial}; "
-                "give the group a positive lr (or initial_lr)"
+                f"decay_scaling='schedule' divides by the reference lr of eta_t, which is {base}; "
+                "give the group a positive lr (or decay_base_lr)"
             )
-        return wd / initial
+        self._warn_schedule(group, lr / base, wd)
+        return wd / base
 
-    def _lr(self, group: dict[str, Any]) -> tuple[float, Optional[torch.Tensor]]:
-        """(lr as a float, lr as a device tensor for capturable steps or None)."""
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) and group.get("capturable"):
-            return float("nan"), lr
-        return _as_float(lr, "lr"), None
+    def _warn_schedule(self, group: dict[str, Any], eta: float, wd: float) -> None:
+        """Once per optimizer and kind: the two settings that are almost
+        certainly a mistake with the paper's convention."""
+        if eta * wd >= 0.01 and "strong" not in self._warned:
+            self._warned.add("strong")
+            warnings.warn(
+                f"decay_scaling='schedule' shrinks the weights by eta_t * weight_decay = {eta * wd:.3g} per step "
+                f"(weight_decay={wd} is the paper's lambda, not torch's coefficient, which is multiplied by lr): "
+                "for torch's decay at base lr alpha use weight_decay = alpha * torch_weight_decay "
+                "(README.md, 'Decay conventions')", DecayScheduleWarning, stacklevel=4)
+        if eta > 1.5 and "eta" not in self._warned:
+            self._warned.add("eta")
+            warnings.warn(
+                f"decay_scaling='schedule': eta_t = lr / decay_base_lr = {eta:.3g} > 1, so the decay is stronger "
+                "than weight_decay (a scheduler such as OneCycleLR sets initial_lr below its peak); name the "
+                "lr at which eta_t = 1 with decay_base_lr=...", DecayScheduleWarning, stacklevel=4)
 
     @torch.no_grad()
+    def _step_groups(self, grad_scale, found_inf) -> None:
+        for group in self.param_groups:
+            self._step_group(group, grad_scale, found_inf)
+
     def step(self, closure: Optional[Callable[[], float]] = None):
         """One step for every param group; GradScaler's grad_scale / found_inf
         attributes, when set, are applied inside the fused call."""
@@ -223,61 +319,44 @@ class _FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group, grad_scale, found_inf)
+        if any(g.get("differentiable") for g in self.param_groups):
+            # torch.optim keeps autograd on for differentiable steps; the
+            # plan sends those groups to torch's functional code.
+            with torch.set_grad_enabled(True):
+                for group in self.param_groups:
+                    if group.get("differentiable"):
+                        self._step_group(group, grad_scale, found_inf)
+            with torch.no_grad():
+                for group in self.param_groups:
+                    if not group.get("differentiable"):
+                        self._step_group(group, grad_scale, found_inf)
+        else:
+            self._step_groups(grad_scale, found_inf)
         return loss
 
-    def _step_group(self, gi: int, group: dict[str, Any], grad_scale, found_inf) -> None:
+    def _step_group(self, group: dict[str, Any], grad_scale, found_inf) -> None:
+        self._check_hyper(group)  # keys may change between steps (a user's, a scheduler's)
+        if group.get("capturable") and any(p.device.type not in _CAPTURABLE_DEVICES for p in group["params"]):
+            raise CapturableDeviceError(
+                f"If capturable=True, params and state_steps must be on supported devices: "
+                f"{list(_CAPTURABLE_DEVICES)}."
+            )
+        entry = self._plans.get(id(group))
+        if entry is None or entry[0] is not group:
+            entry = self._plans[id(group)] = (group, GroupPlan(self.ALGO))
+        entry[1].step(self, group, self._hyper(group), grad_scale, found_inf)
+
+    def _hyper(self, group: dict[str, Any]):
         raise NotImplementedError
 
-    def _cache(self, index: int) -> dict:
-        return self._caches.setdefault(index, {})
 
-    def _gather(self, gi: int, group: dict[str, Any]):
-        """(params, grads, per-param state dicts, the params as the user holds
-        them, any complex) for the params of group `gi` that have a grad;
-        complex params and grads as real views.
-
-        A step on thousands of small tensors is mostly this loop, so what only
-        changes when the group's params, their grad presence or opt.state
-        change (which params, their state dicts, complex views) is cached;
-        grads are read every step. Any assignment to opt.state (a versioned
-        dict) rebuilds the cache, and state tensors are read from the per-param
-        dicts every step, so replacing opt.state[p]["exp_avg"] is seen too."""
-        all_params = group["params"]
-        all_grads = [p.grad for p in all_params]
-        has = [g is not None for g in all_grads]
-        cache = self._cache(gi)
-        hit = cache.get("gather")
-        version = (id(self.state), self.state.version)
-        if hit is None or hit[0] is not all_params or hit[1] != has or hit[-1] != version:
-            params, states, users, cplx = [], [], [], False
-            for p, h in zip(all_params, has):
-                if h:
-                    st = self.state[p]
-                    if not st:
-                        self._init_state(p, group, st)
-                    states.append(st)
-                    users.append(p)
-                    cplx = cplx or p.is_complex()
-                    params.append(torch.view_as_real(p) if p.is_complex() else p)
-            hit = (all_params, has, params, states, users, cplx, (id(self.state), self.state.version))
-            cache["gather"] = hit
-        _, _, params, states, users, cplx, _ = hit
-        grads = all_grads if all(has) else [g for g in all_grads if g is not None]
-        if cplx:
-            grads = [_real(g) for g in grads]
-        return params, grads, states, users, cplx
+# torch.optim's capturable devices (torch.optim.optimizer._get_capturable_supported_devices).
+_CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu", "privateuseone", "xla")
 
 
-def _real(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return torch.view_as_real(t) if t is not None and t.is_complex() else t
-
-
-def _column(states: list[dict], key: str, cplx: bool) -> list[torch.Tensor]:
-    """state[key] of every param (real views where complex), at C speed."""
-    column = list(map(operator.itemgetter(key), states))
-    return [_real(t) for t in column] if cplx else column
+class CapturableDeviceError(ValueError, AssertionError):
+    """capturable=True with params on a device that cannot capture (the CPU):
+    the error torch.optim raises (an AssertionError there), also a ValueError."""
 
 
 class _AlwaysDecoupled:
@@ -295,153 +374,112 @@ class _AlwaysDecoupled:
 
 class Adam(_FusedOptimizer):
     """torch.optim.Adam's interface (L2 decay unless decoupled_weight_decay=True),
-    fused. Extra keywords: decay_scaling, state_dtype, backend."""
+    fused. Extra keywords: decay_scaling, decay_base_lr, state_dtype, backend."""
+
+    ALGO = "adam"
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: Optional[bool] = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
-                 decay_scaling: str = "lr", state_dtype: Optional[torch.dtype] = None,
-                 backend: str = "auto") -> None:
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        # Plain floats, as torch keeps them; ranges are checked per group.
-        betas = (_as_float(betas[0], "betas[0]"), _as_float(betas[1], "betas[1]"))
-        eps = _as_float(eps, "eps")
+                 decay_scaling: str = "lr", decay_base_lr: Optional[float] = None,
+                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, decay_scaling=decay_scaling,
-                        state_dtype=state_dtype, backend=backend)
+                        decay_base_lr=decay_base_lr, state_dtype=state_dtype, backend=backend)
         super().__init__(params, defaults)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        b1, b2 = group["betas"]
-        for i, b in enumerate((b1, b2)):
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        super()._check_hyper(group)
+        if not 0.0 <= _as_float(group["eps"], "eps"):
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
             if not 0.0 <= _as_float(b, f"betas[{i}]") < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
-        if not _as_float(group["eps"], "eps") >= 0.0:
-            raise ValueError(f"Invalid epsilon value: eps={group['eps']} (must be >= 0)")
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        sd = group["state_dtype"] or p.dtype
+        sd = group["state_dtype"] if not p.is_complex() else None
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
 
-    def _step_group(self, gi: int, group: dict[str, Any], grad_scale, found_inf) -> None:
-        params, grads, states, _, cplx = self._gather(gi, group)
-        if not params:
-            return
-        amsgrad = group["amsgrad"]
-        m = _column(states, "exp_avg", cplx)
-        v = _column(states, "exp_avg_sq", cplx)
-        vmax = None
-        if amsgrad:
-            for st in states:
-                if "max_exp_avg_sq" not in st:  # amsgrad switched on after the first step
-                    st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
-            vmax = _column(states, "max_exp_avg_sq", cplx)
-        steps = _column(states, "step", False)
-        lr, lr_tensor = self._lr(group)
+    def _hyper(self, group: dict[str, Any]) -> AdamHyper:
+        lr = self._lr(group)
         beta1, beta2 = group["betas"]
         decoupled = bool(group["decoupled_weight_decay"])
-        hyper = AdamHyper(
-            lr=lr, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            decay_coeff=self._decay_coeff(group, lr if lr_tensor is None else 1.0) if decoupled else 0.0,
-            decoupled=decoupled, amsgrad=bool(amsgrad), maximize=bool(group["maximize"]),
-        )
-        dispatch.adam_step(
-            self._cache(gi), group["backend"], params, grads, m, v, vmax, steps,
-            hyper, state_dtype=group["state_dtype"], lr_tensor=lr_tensor,
-            grad_scale=grad_scale, found_inf=found_inf,
-        )
+        # A tensor lr (capturable) is read on the device; "schedule" then
+        # needs its value once on the host for eta_t = lr / decay_base_lr.
+        decay = self._decay_coeff(group, float(lr)) if decoupled else 0.0
+        return AdamHyper(lr=lr, beta1=_as_float(beta1, "betas[0]"), beta2=_as_float(beta2, "betas[1]"),
+                         eps=_as_float(group["eps"], "eps"), weight_decay=_as_float(group["weight_decay"], "weight_decay"),
+                         decay_coeff=decay, decoupled=decoupled, amsgrad=bool(group["amsgrad"]),
+                         maximize=bool(group["maximize"]))
 
 
 class AdamW(_AlwaysDecoupled, Adam):
     """torch.optim.AdamW (Algorithm 2 with decoupled decay), fused.
 
     decay_scaling="lr" (default) decays by lr * weight_decay like torch;
-    "schedule" decays by eta_t * weight_decay, eta_t = lr / initial_lr, as in
+    "schedule" decays by eta_t * weight_decay, eta_t = lr / decay_base_lr
+    (default: the scheduler's initial_lr, else the group's first lr), as in
     the paper, so the decay follows an LR scheduler but not the base lr."""
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
-                 fused: Optional[bool] = None, decay_scaling: str = "lr",
+                 fused: Optional[bool] = None, decay_scaling: str = "lr", decay_base_lr: Optional[float] = None,
                  state_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, decay_scaling=decay_scaling,
+                         decoupled_weight_decay=True, decay_scaling=decay_scaling, decay_base_lr=decay_base_lr,
                          state_dtype=state_dtype, backend=backend)
 
 
 class SGD(_FusedOptimizer):
     """torch.optim.SGD's interface (L2 weight decay), fused. Extra keywords:
-    decoupled_weight_decay, decay_scaling, state_dtype, backend."""
+    decoupled_weight_decay, decay_scaling, decay_base_lr, state_dtype, backend.
+    Without momentum it keeps no per-param state, as torch."""
+
+    ALGO = "sgd"
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  decoupled_weight_decay: bool = False, decay_scaling: str = "lr",
-                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> None:
-        # Plain floats; ranges are checked per group.
-        momentum = _as_float(momentum, "momentum")
-        dampening = _as_float(dampening, "dampening")
+                 decay_base_lr: Optional[float] = None, state_dtype: Optional[torch.dtype] = None,
+                 backend: str = "auto") -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay,
-                        decay_scaling=decay_scaling, state_dtype=state_dtype, backend=backend)
+                        decay_scaling=decay_scaling, decay_base_lr=decay_base_lr, state_dtype=state_dtype,
+                        backend=backend)
         super().__init__(params, defaults)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        super()._check_hyper(group)
         momentum = _as_float(group["momentum"], "momentum")
-        if not momentum >= 0.0:
-            raise ValueError(f"Invalid momentum value: momentum={momentum} (must be >= 0)")
-        if group["nesterov"] and (momentum <= 0.0 or float(group["dampening"]) != 0.0):
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {group['momentum']}")
+        dampening = _as_float(group["dampening"], "dampening")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """torch.optim.SGD keeps no state until the first step with momentum."""
 
-    def _step_group(self, gi: int, group: dict[str, Any], grad_scale, found_inf) -> None:
-        momentum = float(group["momentum"])
-        params, grads, states, users, cplx = self._gather(gi, group)
-        if not params:
-            return
-        bufs = first = None
-        new_bufs = {}
-        if momentum != 0.0:
-            bufs = [st.get("momentum_buffer") for st in states]
-            first = [b is None for b in bufs]
-            if any(first):
-                if found_inf is not None and float(found_inf) != 0.0:
-                    # A skipped first step leaves no buffer behind: the
-                    # next step starts the buffer from its own gradient.
-                    return
-                for i in (i for i, f in enumerate(first) if f):
-                    buf = torch.empty_like(params[i], dtype=group["state_dtype"] or params[i].dtype)
-                    new_bufs[i] = buf
-                    bufs[i] = buf
-            if cplx:
-                bufs = [_real(b) for b in bufs]
-        lr, lr_tensor = self._lr(group)
+    def _hyper(self, group: dict[str, Any]) -> SgdHyper:
+        lr = self._lr(group)
         decoupled = bool(group["decoupled_weight_decay"])
-        hyper = SgdHyper(
-            lr=lr, momentum=momentum, dampening=float(group["dampening"]),
-            weight_decay=float(group["weight_decay"]),
-            decay_coeff=self._decay_coeff(group, lr) if decoupled else 0.0,
-            decoupled=decoupled, nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-        )
-        dispatch.sgd_step(
-            self._cache(gi), group["backend"], params, grads, bufs, first, hyper,
-            state_dtype=group["state_dtype"], lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-        )
-        for i, buf in new_bufs.items():  # stored once the step has filled them
-            states[i]["momentum_buffer"] = torch.view_as_complex(buf) if users[i].is_complex() else buf
+        return SgdHyper(lr=lr, momentum=_as_float(group["momentum"], "momentum"),
+                        dampening=_as_float(group["dampening"], "dampening"),
+                        weight_decay=_as_float(group["weight_decay"], "weight_decay"),
+                        decay_coeff=self._decay_coeff(group, float(lr)) if decoupled else 0.0,
+                        decoupled=decoupled, nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
 
 class SGDW(_AlwaysDecoupled, SGD):
@@ -451,9 +489,9 @@ class SGDW(_AlwaysDecoupled, SGD):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
-                 decay_scaling: str = "lr", state_dtype: Optional[torch.dtype] = None,
-                 backend: str = "auto") -> None:
+                 decay_scaling: str = "lr", decay_base_lr: Optional[float] = None,
+                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, decay_scaling=decay_scaling,
+                         decoupled_weight_decay=True, decay_scaling=decay_scaling, decay_base_lr=decay_base_lr,
                          state_dtype=state_dtype, backend=backend)

@@ -48,33 +48,52 @@ struct MathOf<double> {
   using type = double;
 };
 
-// Adam / AdamW hyperparameters of one step() call.
-struct AdamHyper {
-  double lr = 1e-3;          // the group's learning rate (alpha * eta_t)
-  double beta1 = 0.9;        // first-moment decay
-  double beta2 = 0.999;      // second-moment decay
-  double eps = 1e-8;         // added to the bias-corrected sqrt(v)
-  double weight_decay = 0.;  // lambda
-  // Decoupled decay multiplies p by (1 - lr * decay_coeff). The host sets
-  // decay_coeff = weight_decay for decay_scaling="lr" (torch) and
-  // weight_decay / initial_lr for "schedule" (the paper's eta_t * lambda).
-  double decay_coeff = 0.;
-  bool decoupled = true;     // true: AdamW (Alg. 2 line 12); false: L2 (line 6)
-  bool amsgrad = false;      // keep max(v) and divide by its root
-  bool maximize = false;     // ascend: use -grad
-};
+// The hyperparameter fields, each written once: X(type, name, default).
+// The structs below and their Python bindings (csrc/bindings/hyper_bindings.h)
+// are generated from these lists; python/fused_adamw/hyper.py holds the same
+// names, and tests/test_optim_api.py fails when the two lists differ.
+//
+// Adam / AdamW, one step() call:
+//   lr            the group's learning rate (alpha * eta_t)
+//   beta1, beta2  first- and second-moment decay
+//   eps           added to the bias-corrected sqrt(v)
+//   weight_decay  lambda (the L2 coefficient when not decoupled)
+//   decay_coeff   decoupled decay multiplies p by (1 - lr * decay_coeff): the
+//                 host sets weight_decay for decay_scaling="lr" (torch) and
+//                 weight_decay / initial_lr for "schedule" (the paper's eta_t * lambda)
+//   decoupled     true: AdamW (Alg. 2 line 12); false: L2 (line 6)
+//   amsgrad       keep max(v) and divide by its root
+//   maximize      ascend: use -grad
+#define FUSED_ADAMW_ADAM_FIELDS(X) \
+  X(double, lr, 1e-3)              \
+  X(double, beta1, 0.9)            \
+  X(double, beta2, 0.999)          \
+  X(double, eps, 1e-8)             \
+  X(double, weight_decay, 0.)      \
+  X(double, decay_coeff, 0.)       \
+  X(bool, decoupled, true)         \
+  X(bool, amsgrad, false)          \
+  X(bool, maximize, false)
 
-// SGD / SGDW hyperparameters of one step() call.
-struct SgdHyper {
-  double lr = 1e-3;
-  double momentum = 0.;
-  double dampening = 0.;
-  double weight_decay = 0.;
-  double decay_coeff = 0.;   // as in AdamHyper
-  bool decoupled = false;    // true: SGDW (Alg. 1 line 9); false: L2 (line 6)
-  bool nesterov = false;
-  bool maximize = false;
+// SGD / SGDW, one step() call; decoupled: SGDW (Alg. 1 line 9), else L2 (line 6).
+#define FUSED_ADAMW_SGD_FIELDS(X) \
+  X(double, lr, 1e-3)             \
+  X(double, momentum, 0.)         \
+  X(double, dampening, 0.)        \
+  X(double, weight_decay, 0.)     \
+  X(double, decay_coeff, 0.)      \
+  X(bool, decoupled, false)       \
+  X(bool, nesterov, false)        \
+  X(bool, maximize, false)
+
+#define FUSED_ADAMW_DECLARE_FIELD(type, name, init) type name = init;
+struct AdamHyper {
+  FUSED_ADAMW_ADAM_FIELDS(FUSED_ADAMW_DECLARE_FIELD)
 };
+struct SgdHyper {
+  FUSED_ADAMW_SGD_FIELDS(FUSED_ADAMW_DECLARE_FIELD)
+};
+#undef FUSED_ADAMW_DECLARE_FIELD
 
 // Step-resolved scalars for one tensor, in the math type T.
 template <typename T>

@@ -1,0 +1,610 @@
+"""The plan of one param group: the one owner of what a step keeps between steps.
+
+A step is four hops: `opt.step()` (optim.py: hyperparameters, per-step
+scalars) -> `GroupPlan.step` (this file) -> a backend module's `adam_step` /
+`sgd_step` (backend_cpu.py, backend_cuda.py, triton_kernels, backend_torch.py)
+-> the kernel. This file holds everything in between:
+
+  * gathering the params that have grads, their grads and state;
+  * validation at the boundary (device, dtype, dense layout, matching shapes
+    and strides, no overlap), with errors that name the argument;
+  * bucketing by (device, dtype) and resolving the backend of each bucket;
+  * routing what no kernel serves (strided-view params, sparse grads) to
+    torch.optim's own functional implementation (backend_functional.py);
+  * the address tables (_native.py) and each backend's long-lived resources
+    (a CUDA workspace, Triton's device tables), per (backend, device, dtype).
+
+The key. What the kernels depend on is, for every tensor they are handed,
+its address, element count, dtype, device and strides, plus the state
+entries and the requested backend. The plan splits that key by who can
+change it and how cheaply each part is read:
+
+  * static: the group's params (by identity), which of them have a grad,
+    the optimizer state's version (optim._VersionedState counts every
+    assignment to `opt.state`, to a param's state dict, and replacements of
+    `opt.state` itself), and the group keys the plan reads (backend,
+    state_dtype, amsgrad, whether momentum is on). Any change rebuilds and
+    revalidates everything.
+  * user-held tensors (params, grads), read every step: their metadata
+    (sizes, strides, dtype, device) through one C++ tensor guard, and their
+    addresses. A metadata change (`p.data = bigger`, a grad in another
+    layout) rebuilds and revalidates; an address change alone (`p.data =`
+    a tensor of the same shape, a new grad from backward) rewrites that
+    table column.
+  * optimizer-held state tensors: validated at each rebuild and then held
+    by the plan through aliases (detached views that share their storage), so
+    even `state["exp_avg"].data = other` cannot free or shrink the memory the
+    kernels write. Replacing a state entry, the way torch itself does it, is
+    an assignment, which the static key sees.
+
+Resources that outlive a rebuild (a CUDA workspace) are kept per (backend,
+device, dtype) in `GroupPlan.resources`; a change in the set of params with
+grads (a mixture of experts, a frozen branch) rebuilds the tables, not them.
+"""
+from __future__ import annotations
+
+import operator
+from itertools import repeat
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import _native, dispatch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_KERNEL_BACKENDS = ("cpu", "cuda", "triton")
+_GRAD = operator.attrgetter("grad")
+_PTR = torch.Tensor.data_ptr
+_DETACH = torch.Tensor.detach
+_LABELS = {(name, algo): f"fused_adamw::{name}::{algo}_step"
+           for name in (*dispatch.BACKENDS, "functional") for algo in ("adam", "sgd")}
+
+# Which state entries the kernels read, per algorithm, in table order.
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+SGD_STATE = ("momentum_buffer",)
+
+
+# ---------------------------------------------------------------- metadata guard
+
+def _meta(t: torch.Tensor) -> tuple:
+    strided = t.layout == torch.strided
+    return (t.layout, t.dtype, t.device, t.shape, t.stride() if strided else None)
+
+
+class _MetadataGuard:
+    """True while every tensor still has the layout, sizes, strides, dtype
+    and device it had when the guard was made. Uses torch's C++ tensor guard
+    (the check torch.compile runs on its inputs at every call; about half the
+    cost of reading shape, stride and dtype from Python) where it is there
+    and every tensor is strided, else reads the metadata from Python."""
+
+    __slots__ = ("_guard", "_meta", "_n")
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._n = len(tensors)
+        self._guard = None
+        self._meta = None
+        if all(t.layout == torch.strided for t in tensors):
+            try:
+                from torch._C._dynamo.guards import TensorGuards
+                guard = TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                                     dynamic_dims_strides=[list(t.stride()) for t in tensors])
+                if guard.check(*tensors):  # fails here, not mid-run, where the API differs
+                    self._guard = guard
+            except Exception:  # another torch's private API: the Python check means the same
+                self._guard = None
+        if self._guard is None:
+            self._meta = list(map(_meta, tensors))
+
+    def check(self, tensors: Sequence[torch.Tensor]) -> bool:
+        if len(tensors) != self._n:
+            return False
+        if self._guard is not None:
+            return self._guard.check(*tensors)
+        return list(map(_meta, tensors)) == self._meta
+
+
+# ---------------------------------------------------------------- a backend call's tensors
+
+class Batch:
+    """The tensors of one backend call: one (device, dtype) bucket of a group.
+
+    The backend contract (hyper.py) in one object. `params`, `grads` and
+    `state[name]` (exp_avg, exp_avg_sq, max_exp_avg_sq; momentum_buffer) are
+    lists the plan validated, a state list None where the mode has no such
+    entry; `steps` (Adam) the step counts; `first_step` (SGD) True where a
+    buffer was made this step; `table` the int64 address table of _native.py
+    (a CPU tensor whose `version` changes with its contents; None for the
+    torch and functional backends); `resources` a dict the backend keeps
+    derived things in (device copies of the table, a CUDA workspace) for as
+    long as the plan keeps this (backend, device, dtype). `state_dicts` (the
+    functional route only) are the params' own state dicts.
+
+    `Batch.adam(...)` / `Batch.sgd(...)` validate lists and build one; tests
+    and tools call the backends that way too."""
+
+    __slots__ = ("algo", "device", "dtype", "state_dtype", "params", "grads", "state", "steps",
+                 "first_step", "table", "version", "resources", "state_dicts", "differentiable",
+                 "_array", "_grad_ptrs")
+
+    def __init__(self, algo: str, params: list, grads: list, state: dict, steps: Optional[list],
+                 first_step: Optional[list], resources: Optional[dict] = None, build_table: bool = True,
+                 state_dtype: Optional[torch.dtype] = None) -> None:
+        self.algo = algo
+        self.params = params
+        self.grads = grads
+        self.state = state
+        self.steps = steps
+        self.first_step = first_step
+        self.device = params[0].device if params else torch.device("cpu")
+        self.dtype = params[0].dtype if params else torch.float32
+        self.state_dtype = state_dtype or self.dtype
+        self.resources = resources if resources is not None else {}
+        self.state_dicts = None
+        self.differentiable = False
+        self.version = 0
+        self._array = None
+        self._grad_ptrs = None
+        self.table = None
+        if build_table and params:
+            self._array = _native.build_table(algo, params, grads, state, steps, first_step)
+            self.table = torch.from_numpy(self._array)
+            self._grad_ptrs = list(map(_PTR, grads))
+
+    @property
+    def exp_avgs(self):
+        return self.state["exp_avg"]
+
+    @property
+    def exp_avg_sqs(self):
+        return self.state["exp_avg_sq"]
+
+    @property
+    def max_exp_avg_sqs(self):
+        return self.state.get("max_exp_avg_sq")
+
+    @property
+    def momentum_buffers(self):
+        return self.state.get("momentum_buffer")
+
+    def set_grads(self, grads: list) -> None:
+        """Grads with the metadata of the last ones (the caller checked):
+        rewrite the grad column where an address moved."""
+        self.grads = grads
+        if self._array is not None:
+            ptrs = list(map(_PTR, grads))
+            if ptrs != self._grad_ptrs:
+                self._array[:, _native.GRAD_COLUMN] = ptrs
+                self._grad_ptrs = ptrs
+                self.version += 1
+
+    def set_params(self, params: list) -> None:
+        """Params with the metadata of the last ones at new addresses."""
+        self.params = params
+        if self._array is not None:
+            self._array[:, _native.PARAM_COLUMN] = list(map(_PTR, params))
+            self.version += 1
+
+    def set_first_step(self, flags: list) -> None:
+        self.first_step = flags
+        if self._array is not None:
+            self._array[:, _native.SgdCol.FIRST_STEP] = [1 if f else 0 for f in flags]
+            self.version += 1
+
+    @classmethod
+    def adam(cls, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+             resources: Optional[dict] = None) -> "Batch":
+        """A validated Adam batch from lists."""
+        state = {"exp_avg": list(exp_avgs), "exp_avg_sq": list(exp_avg_sqs),
+                 "max_exp_avg_sq": list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else None}
+        sd = exp_avgs[0].dtype if len(exp_avgs) else None
+        _validate_lists(params, grads, state, sd, steps)
+        return cls("adam", list(params), list(grads), state, list(steps), None, resources, state_dtype=sd)
+
+    @classmethod
+    def sgd(cls, params, grads, momentum_buffers, first_step, resources: Optional[dict] = None) -> "Batch":
+        """A validated SGD batch from lists (momentum_buffers None without momentum)."""
+        state = {"momentum_buffer": list(momentum_buffers) if momentum_buffers is not None else None}
+        sd = momentum_buffers[0].dtype if momentum_buffers else None
+        _validate_lists(params, grads, state, sd, None)
+        flags = [bool(f) for f in first_step] if first_step is not None else [False] * len(params)
+        return cls("sgd", list(params), list(grads), state, None, flags, resources, state_dtype=sd)
+
+
+# ---------------------------------------------------------------- validation
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when t's elements fill its storage span with no gaps or overlaps,
+    in any dimension order (contiguous, channels_last, transposed ...)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_param(i: int, p: Any) -> None:
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
+    if p.layout != torch.strided:
+        raise ValueError(f"params[{i}] has layout {p.layout}; only dense (strided) parameters are supported")
+    if (p.dtype.to_real() if p.is_complex() else p.dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"params[{i}] has dtype {p.dtype}; supported: float32, float64, float16, bfloat16 "
+            "(complex parameters are updated through their real view)"
+        )
+
+
+def _check_grad(i: int, p: torch.Tensor, g: Any, sparse_ok: bool) -> None:
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"grads[{i}] is a {type(g).__name__}, expected a torch.Tensor")
+    if g.layout != torch.strided and not (sparse_ok and g.layout == torch.sparse_coo):
+        raise ValueError(
+            f"grads[{i}] is sparse ({g.layout}); this optimizer needs dense gradients "
+            "(torch.optim.SparseAdam handles sparse ones)"
+        )
+    if g.device != p.device:
+        raise ValueError(f"grads[{i}] is on {g.device} but its param is on {p.device}")
+    if g.dtype != p.dtype:
+        raise TypeError(f"grads[{i}] has dtype {g.dtype} but its param has {p.dtype}")
+    if g.shape != p.shape:
+        raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but its param has {tuple(p.shape)}")
+
+
+def _check_state(i: int, name: str, s: Any, p: torch.Tensor, state_dtype: torch.dtype,
+                 same_strides: bool = True) -> None:
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"state {name!r} of params[{i}] is a {type(s).__name__}, expected a tensor")
+    if s.device != p.device:
+        raise ValueError(f"state {name!r} of params[{i}] is on {s.device}, its param on {p.device}")
+    if s.dtype != state_dtype:
+        raise TypeError(f"state {name!r} of params[{i}] has dtype {s.dtype}, expected {state_dtype}")
+    if s.shape != p.shape or (same_strides and p.numel() > 1 and s.stride() != p.stride()):
+        raise ValueError(
+            f"state {name!r} of params[{i}] has shape {tuple(s.shape)} stride {s.stride()}, its param "
+            f"shape {tuple(p.shape)} stride {p.stride()} (was the param reassigned through .data after "
+            "its state was made? reset it with opt.state[p] = {} or load a matching state dict)"
+        )
+
+
+def _check_step(i: int, s: Any, device: torch.device) -> None:
+    if not (isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.device == device and s.numel() == 1):
+        got = f"{s.dtype} on {s.device} with {s.numel()} elements" if isinstance(s, torch.Tensor) else type(s).__name__
+        raise ValueError(f"state 'step' of params[{i}] must be a one-element float32 tensor on {device}, got {got}")
+
+
+def _check_no_overlap(params: Sequence[torch.Tensor], index: Sequence[int]) -> None:
+    spans = sorted((params[i].data_ptr(), params[i].data_ptr() + params[i].numel() * params[i].element_size(), i)
+                   for i in index if params[i].numel() and params[i].device.type != "meta")
+    for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(
+                f"params[{i0}] and params[{i1}] overlap in memory (views of one tensor?); "
+                "a fused update would apply twice to the shared elements"
+            )
+
+
+def expected_state_dtype(dtype: torch.dtype, state_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The state dtype for `dtype` params under the group's state_dtype."""
+    sd = state_dtype or dtype
+    if sd != dtype and not (sd == torch.float32 and dtype in _LOW_PRECISION):
+        raise TypeError(
+            f"state_dtype={sd} is not supported for {dtype} params: use None (the param's dtype) "
+            "or torch.float32 with float16/bfloat16 params"
+        )
+    return sd
+
+
+def _validate_lists(params, grads, state: dict, state_dtype, steps) -> None:
+    """Everything the kernels rely on, for one (device, dtype) batch."""
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} grads for {len(params)} params")
+    for name, lst in state.items():
+        if lst is not None and len(lst) != len(params):
+            raise ValueError(f"got {len(lst)} {name} tensors for {len(params)} params")
+    if steps is not None and len(steps) != len(params):
+        raise ValueError(f"got {len(steps)} steps for {len(params)} params")
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    sd = expected_state_dtype(dtype, state_dtype)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        _check_param(i, p)
+        if p.device != device or p.dtype != dtype:
+            raise ValueError(f"params[{i}] is {p.dtype} on {p.device}; this batch is {dtype} on {device}")
+        if not is_dense(p):
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}, stride {p.stride()}) is not dense")
+        _check_grad(i, p, g, sparse_ok=False)
+        if g.stride() != p.stride() and p.numel() > 1:
+            raise ValueError(f"grads[{i}] has stride {g.stride()}, its param {p.stride()}")
+        for name, lst in state.items():
+            if lst is not None:
+                _check_state(i, name, lst[i], p, sd)
+        if steps is not None:
+            _check_step(i, steps[i], device)
+    _check_no_overlap(params, range(len(params)))
+
+
+def _scalar_on(t: Optional[torch.Tensor], device: torch.device, what: str) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        raise ValueError(f"{what} must be a one-element tensor, got {t!r}")
+    if t.device != device or t.dtype != torch.float32:
+        t = t.to(device=device, dtype=torch.float32)
+    return t
+
+
+def _real(t):
+    return torch.view_as_real(t) if isinstance(t, torch.Tensor) and t.is_complex() else t
+
+
+# ---------------------------------------------------------------- the plan
+
+class _Bucket:
+    """One backend call of a group: positions in the gathered lists, the
+    backend module that serves them, and their batch."""
+
+    __slots__ = ("index", "whole", "backend", "module", "label", "batch", "copy_grads")
+
+    def __init__(self, index: list, whole: bool, backend: str, algo: str, batch: Batch, copy_grads: list) -> None:
+        self.index = index
+        self.whole = whole             # index covers every gathered param, in order
+        self.backend = backend
+        self.module = dispatch.backend_module(backend)
+        self.label = _LABELS[backend, algo]
+        self.batch = batch
+        self.copy_grads = copy_grads   # positions whose grads are copied into their param's layout
+
+
+class GroupPlan:
+    """Everything one param group's step keeps between steps (module docstring).
+
+    `algo` is "adam" or "sgd". The optimizer calls `step(opt, group, hyper,
+    grad_scale, found_inf)`; the plan calls `opt._init_state(p, group, st)`
+    for Adam params without state and makes SGD's momentum buffers itself."""
+
+    def __init__(self, algo: str) -> None:
+        self.algo = algo
+        self.resources: dict[tuple, dict] = {}   # (backend, device, dtype) -> dict; outlives rebuilds
+        self.rebuilds = 0        # how often the plan was built and validated (tests read it)
+        self._static = None      # the static key of the last build (module docstring)
+        self._params: list = []  # the group's params at the last build
+        self._users: list = []   # the params that had grads, as the user holds them
+        self._ptrs: list = []
+        self._guard: Optional[_MetadataGuard] = None
+        self._buckets: list[_Bucket] = []
+        self._cplx = False
+        self._first: list = []   # (state dict, position, bucket) of SGD buffers made by this build
+
+    def _static_key(self, opt, group, has: list) -> tuple:
+        return (has, id(opt.state), opt.state.version, group["backend"], group["state_dtype"],
+                self._state_names(group), bool(group.get("differentiable")))
+
+    def _state_names(self, group) -> tuple:
+        if self.algo == "adam":
+            return ADAM_STATE if group["amsgrad"] else ADAM_STATE[:2]
+        return SGD_STATE if float(group["momentum"]) != 0.0 else ()
+
+    # ------------------------------------------------------------ step
+    def step(self, opt, group: dict, hyper, grad_scale=None, found_inf=None) -> None:
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        has = list(map(operator.is_not, grads, repeat(None)))
+        if not any(has):
+            return
+        static = self._static_key(opt, group, has)
+        user_grads = grads if all(has) else [g for g in grads if g is not None]
+        if (static != self._static or len(params) != len(self._params)
+                or not all(map(operator.is_, params, self._params))
+                or not self._guard.check(self._users + user_grads)
+                or not self._refresh(user_grads)):
+            self._build(opt, group, params, grads, has)
+        if self._first and self._skip_first(opt, found_inf):
+            return
+        for b in self._buckets:
+            with torch.profiler.record_function(b.label):
+                getattr(b.module, f"{self.algo}_step")(
+                    b.batch, hyper,
+                    grad_scale=_scalar_on(grad_scale, b.batch.device, "grad_scale"),
+                    found_inf=_scalar_on(found_inf, b.batch.device, "found_inf"),
+                )
+        if self._first:
+            self._commit_first()
+
+    def _refresh(self, user_grads: list) -> bool:
+        """Metadata as at the build: bring addresses up to date. False where
+        only a rebuild can (complex params' cached real views)."""
+        ptrs = list(map(_PTR, self._users))
+        moved = ptrs != self._ptrs
+        if moved and self._cplx:
+            return False
+        for b in self._buckets:
+            if moved:
+                b.batch.set_params(_pick(self._users, b.index, b.whole))
+            g = _pick(user_grads, b.index, b.whole)
+            if self._cplx:
+                g = list(map(_real, g))
+            if b.copy_grads:
+                g = list(g)
+                for j in b.copy_grads:
+                    g[j] = torch.empty_like(b.batch.params[j]).copy_(g[j])
+            b.batch.set_grads(g)
+        self._ptrs = ptrs
+        return True
+
+    # ------------------------------------------------------------ build
+    def _build(self, opt, group, params, grads, has) -> None:
+        """Gather, validate, bucket and make the batches from scratch; raise
+        on anything the kernels cannot take. The previous plan is dropped
+        first, so a failed build leaves nothing stale behind."""
+        self._static = None
+        self._buckets = []
+        self._first = []
+        self.rebuilds += 1
+        users = [p for p, h in zip(params, has) if h]
+        user_grads = [g for g, h in zip(grads, has) if h]
+        functional_group = bool(group.get("differentiable"))
+        for i, (p, g) in enumerate(zip(users, user_grads)):
+            _check_param(i, p)
+            _check_grad(i, p, g, sparse_ok=self.algo == "sgd")
+        names = self._state_names(group)
+        states = []
+        for p in users:
+            st = opt.state.get(p)
+            if not st and self.algo == "adam":
+                st = opt.state[p]
+                opt._init_state(p, group, st)
+            if self.algo == "adam" and "max_exp_avg_sq" in names and "max_exp_avg_sq" not in st:
+                st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])  # amsgrad switched on mid-run
+            states.append(st)
+        cplx = any(p.is_complex() for p in users)
+        kparams = list(map(_real, users)) if cplx else users
+        kgrads = list(map(_real, user_grads)) if cplx else user_grads
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(kparams):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        buckets = []
+        for (device, dtype), idx in groups.items():
+            sd = expected_state_dtype(dtype, group["state_dtype"])
+            backend = dispatch.resolve_backend(group["backend"], device)
+            if functional_group:
+                fast, slow = [], idx
+            else:
+                ok = [self._kernel_ok(kparams[i], kgrads[i], states[i], names) for i in idx]
+                fast = [i for i, k in zip(idx, ok) if k]
+                slow = [i for i, k in zip(idx, ok) if not k]
+            whole = len(idx) == len(kparams)
+            if fast:
+                buckets.append(self._kernel_bucket(opt, group, users, kparams, kgrads, states, fast,
+                                                   whole and not slow, names, sd, backend))
+            if slow:
+                buckets.append(self._functional_bucket(opt, group, users, user_grads, states, slow, names, sd,
+                                                       functional_group))
+        self._buckets = buckets
+        self._users = users
+        self._params = list(params)
+        self._cplx = cplx
+        self._ptrs = list(map(_PTR, users))
+        self._guard = _MetadataGuard(users + user_grads)
+        # Read last: this build's own state assignments (new Adam state, SGD
+        # buffers) must not count as a change at the next step.
+        self._static = self._static_key(opt, group, has)
+
+    @staticmethod
+    def _kernel_ok(p, g, st, names) -> bool:
+        """Whether a kernel can take this param: dense, a dense grad, and
+        state (where there is some) laid out as the param. A state tensor in
+        another layout (a param re-laid through .data, say) goes to torch's
+        functional code, which pairs elements by index, as torch.optim does."""
+        if not is_dense(p) or g.layout != torch.strided:
+            return False
+        if st is None or p.numel() <= 1:
+            return True
+        for name in names:
+            s = _real(st.get(name))
+            if isinstance(s, torch.Tensor) and s.shape == p.shape and s.stride() != p.stride():
+                return False
+        return True
+
+    def _kernel_bucket(self, opt, group, users, kparams, kgrads, states, idx, whole, names, sd, backend) -> _Bucket:
+        params = [kparams[i] for i in idx]
+        grads = [kgrads[i] for i in idx]
+        copy_grads = []
+        for j, (p, g) in enumerate(zip(params, grads)):
+            if g.stride() != p.stride() and p.numel() > 1:
+                # The kernels pair elements by storage position: a grad in
+                # another layout (a contiguous grad of a channels_last
+                # param) is read through a copy in the param's layout.
+                copy_grads.append(j)
+                grads[j] = torch.empty_like(p).copy_(g)
+        state: dict[str, Optional[list]] = {}
+        first = [False] * len(idx) if self.algo == "sgd" else None
+        for name in (ADAM_STATE if self.algo == "adam" else SGD_STATE):
+            if name not in names:
+                state[name] = None
+                continue
+            col = []
+            for j, i in enumerate(idx):
+                s = states[i].get(name) if states[i] is not None else None
+                if s is None and name == "momentum_buffer":
+                    # torch.optim.SGD's buffer starts as the first step's
+                    # update: made here, set by the kernel (first_step).
+                    u = users[i]
+                    s = torch.empty_like(u) if u.is_complex() else torch.empty_like(u, dtype=sd)
+                    st = opt.state[u]
+                    st["momentum_buffer"] = s
+                    first[j] = True
+                    self._first.append((st, j, len(self._first)))
+                s = _real(s)
+                _check_state(i, name, s, params[j], sd)
+                col.append(s)
+            state[name] = col
+        steps = None
+        if self.algo == "adam":
+            steps = [states[i].get("step") for i in idx]
+            for i, s in zip(idx, steps):
+                _check_step(i, s, kparams[i].device)
+        _check_no_overlap(kparams, idx)
+        # The plan's own views of the state's storage (module docstring).
+        held = {k: (list(map(_DETACH, v)) if v is not None else None) for k, v in state.items()}
+        held_steps = list(map(_DETACH, steps)) if steps is not None else None
+        resources = self.resources.setdefault((backend, params[0].device, params[0].dtype), {})
+        batch = Batch(self.algo, params, grads, held, held_steps, first, resources,
+                      build_table=backend in _KERNEL_BACKENDS, state_dtype=sd)
+        return _Bucket(idx, whole, backend, self.algo, batch, copy_grads)
+
+    def _functional_bucket(self, opt, group, users, user_grads, states, idx, names, sd, differentiable) -> _Bucket:
+        """Tensors no kernel serves (strided views, sparse grads, or the whole
+        group with differentiable=True): torch.optim's functional code on the
+        user's own tensors (backend_functional.py)."""
+        params = [users[i] for i in idx]
+        grads = [user_grads[i] for i in idx]
+        state = {}
+        for name in (ADAM_STATE if self.algo == "adam" else SGD_STATE):
+            state[name] = [states[i].get(name) if states[i] is not None else None for i in idx] \
+                if name in names else None
+        for name, col in state.items():
+            if col is None:
+                continue
+            for j, i in enumerate(idx):
+                if col[j] is not None:  # torch's code pairs by index: any layout
+                    _check_state(i, name, col[j], params[j], sd if not params[j].is_complex() else params[j].dtype,
+                                 same_strides=False)
+        steps = None
+        if self.algo == "adam":
+            steps = [states[i].get("step") for i in idx]
+            for i, s in zip(idx, steps):
+                _check_step(i, s, users[i].device)
+        batch = Batch(self.algo, params, grads, state, steps, None, build_table=False, state_dtype=sd)
+        batch.state_dicts = [opt.state[p] for p in params] if self.algo == "sgd" else None
+        batch.differentiable = differentiable
+        return _Bucket(idx, False, "functional", self.algo, batch, [])
+
+    # ------------------------------------------------------------ SGD's first step
+    def _skip_first(self, opt, found_inf) -> bool:
+        """A step skipped by found_inf leaves no new buffer behind (the next
+        step starts the buffer from its own gradient, as torch does)."""
+        if found_inf is None or float(found_inf) == 0.0:
+            return False
+        for st, _, _ in self._first:
+            st.pop("momentum_buffer", None)
+        self._static = None  # the buffers are gone: rebuild next step
+        self._first = []
+        return True
+
+    def _commit_first(self) -> None:
+        for b in self._buckets:
+            if b.batch.first_step is not None and any(b.batch.first_step):
+                b.batch.set_first_step([False] * len(b.batch.first_step))
+        self._first = []
+
+
+def _pick(lst: list, idx: list, whole: bool) -> list:
+    return lst if whole else [lst[i] for i in idx]
