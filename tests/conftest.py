@@ -1,10 +1,9 @@
 """Shared pytest wiring.
 
 * Tests marked `gpu` are skipped where torch sees no CUDA device.
-* backend_suite.py holds the backend-independent tests; a module that does
-  `from backend_suite import *` sets BACKEND, DEVICE and SIZES, and the `size`
-  parameter is drawn from its SIZES here (the Triton interpreter gets small
-  sizes, the compiled backends the full list).
+* The backend suite (test_backend_suite.py) parametrizes its own tests over
+  the backends, through its `backend` fixture; the tolerances every test
+  compares with are in tolerances.py.
 * Without a GPU, Triton kernels run under its interpreter on CPU tensors.
   Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here,
   before any test module imports fused_adamw.triton_kernels. With a GPU the
@@ -26,9 +25,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def pytest_generate_tests(metafunc):
-    if "size" in metafunc.fixturenames:
-        sizes = getattr(metafunc.module, "SIZES", (1, 7, 4097))
-        metafunc.parametrize("size", sizes, ids=[f"n{s}" for s in sizes])

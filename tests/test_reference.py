@@ -23,17 +23,12 @@ import pytest
 import torch
 
 from fused_adamw import reference as ref
+from tolerances import REAL_GAP, SAME_MATH, TRAJECTORY_DIFFERENCE
 
-# Tolerances, float64 only (the reference has no other dtype).
-TOL = {
-    # Against torch.optim: the same rule, evaluated in a different order (lerp vs.
-    # multiply-add), accumulated over 50 steps.
-    "torch": dict(rtol=1e-12, atol=1e-14),
-    # Two transcriptions of one formula (e.g. sqrt(v_hat) vs. sqrt(v) / sqrt(bc2)).
-    "same_math": dict(rtol=1e-12, atol=1e-14),
-}
-# A trajectory gap "well above rounding": many orders of magnitude over TOL.
-REAL_GAP = 1e-6
+# float64 only (the reference has no other dtype): against torch.optim (the
+# same rule evaluated in another order, over 50 steps) and between two
+# transcriptions of one formula alike.
+TOL = SAME_MATH[torch.float64]
 
 STEPS = 50
 SHAPES = [(1,), (7,), (5, 13)]
@@ -103,9 +98,9 @@ def _run_torch_and_reference(torch_cls, torch_kw, ref_fn, ref_kw, sched, seed,
     return tparams, opt, rparams, states
 
 
-def _assert_close(actual: np.ndarray, expected, kind: str, what: str) -> None:
+def _assert_close(actual: np.ndarray, expected, what: str) -> None:
     expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else expected
-    np.testing.assert_allclose(actual, expected, **TOL[kind], err_msg=what)
+    np.testing.assert_allclose(actual, expected, **TOL.kw, err_msg=what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,11 +129,11 @@ def test_adam_matches_torch(cls, amsgrad, maximize, wd, sched):
     params0 = _random_problem(SEED)[0]
     for i, (tp, rp, s) in enumerate(zip(tparams, rparams, states)):
         ts = opt.state[tp]
-        _assert_close(rp, tp, "torch", f"param {i}")
-        _assert_close(s["exp_avg"], ts["exp_avg"], "torch", f"exp_avg {i}")
-        _assert_close(s["exp_avg_sq"], ts["exp_avg_sq"], "torch", f"exp_avg_sq {i}")
+        _assert_close(rp, tp, f"param {i}")
+        _assert_close(s["exp_avg"], ts["exp_avg"], f"exp_avg {i}")
+        _assert_close(s["exp_avg_sq"], ts["exp_avg_sq"], f"exp_avg_sq {i}")
         if amsgrad:
-            _assert_close(s["max_exp_avg_sq"], ts["max_exp_avg_sq"], "torch", f"max_exp_avg_sq {i}")
+            _assert_close(s["max_exp_avg_sq"], ts["max_exp_avg_sq"], f"max_exp_avg_sq {i}")
         else:
             assert "max_exp_avg_sq" not in s
         assert s["step"] == STEPS == ts["step"].item()
@@ -152,7 +147,7 @@ def test_adam_decoupled_flag_matches_torch_adam_decoupled():
     tparams, _, rparams, _ = _run_torch_and_reference(
         torch.optim.Adam, kw, ref.adam_step, ref_kw, "lambda", SEED + 1)
     for i, (tp, rp) in enumerate(zip(tparams, rparams)):
-        _assert_close(rp, tp, "torch", f"param {i}")
+        _assert_close(rp, tp, f"param {i}")
 
 
 @pytest.mark.parametrize("sched", ["step", "lambda"])
@@ -166,7 +161,7 @@ def test_adamw_schedule_scaling_is_torch_adamw_with_wd_over_initial_lr(sched):
         torch.optim.AdamW, kw, ref.adam_step, ref_kw, sched, SEED + 2)
     assert opt.param_groups[0]["initial_lr"] == lr0
     for i, (tp, rp) in enumerate(zip(tparams, rparams)):
-        _assert_close(rp, tp, "torch", f"param {i}")
+        _assert_close(rp, tp, f"param {i}")
 
 
 SGD_MODES = [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.3, False), (0.9, 0.0, True)]
@@ -188,10 +183,9 @@ def test_sgd_matches_torch(momentum, dampening, nesterov, maximize, wd, sched):
     tparams, opt, rparams, states = _run_torch_and_reference(
         torch.optim.SGD, kw, ref.sgd_step, ref_kw, sched, SEED + 3)
     for i, (tp, rp, s) in enumerate(zip(tparams, rparams, states)):
-        _assert_close(rp, tp, "torch", f"param {i}")
+        _assert_close(rp, tp, f"param {i}")
         if momentum != 0:
-            _assert_close(s["momentum_buffer"], opt.state[tp]["momentum_buffer"], "torch",
-                          f"momentum_buffer {i}")
+            _assert_close(s["momentum_buffer"], opt.state[tp]["momentum_buffer"], f"momentum_buffer {i}")
         else:
             assert "momentum_buffer" not in s
 
@@ -212,7 +206,7 @@ def test_sgdw_is_torch_sgd_after_decoupled_decay(decay_scaling, momentum, dampen
     tparams, _, rparams, _ = _run_torch_and_reference(
         torch.optim.SGD, kw, ref.sgd_step, ref_kw, "lambda", SEED + 4, pre_step=decay)
     for i, (tp, rp) in enumerate(zip(tparams, rparams)):
-        _assert_close(rp, tp, "torch", f"param {i}")
+        _assert_close(rp, tp, f"param {i}")
 
 
 def _fused_torch_vs_reference(torch_cls, torch_kw, ref_fn, ref_kw, scales, infs, seed):
@@ -246,8 +240,8 @@ def test_adam_grad_scale_found_inf_match_torch_fused(cls):
     tparams, opt, rparams, states = _fused_torch_vs_reference(
         getattr(torch.optim, cls), kw, ref.adam_step, ref_kw, SCALES, INFS, SEED + 5)
     for i, (tp, rp, s) in enumerate(zip(tparams, rparams, states)):
-        _assert_close(rp, tp, "torch", f"param {i}")
-        _assert_close(s["max_exp_avg_sq"], opt.state[tp]["max_exp_avg_sq"], "torch", f"vmax {i}")
+        _assert_close(rp, tp, f"param {i}")
+        _assert_close(s["max_exp_avg_sq"], opt.state[tp]["max_exp_avg_sq"], f"vmax {i}")
         assert s["step"] == len(SCALES) - sum(INFS) == opt.state[tp]["step"].item()
 
 
@@ -258,8 +252,8 @@ def test_sgd_grad_scale_found_inf_match_torch_fused():
     tparams, opt, rparams, states = _fused_torch_vs_reference(
         torch.optim.SGD, kw, ref.sgd_step, ref_kw, SCALES, INFS, SEED + 6)
     for i, (tp, rp, s) in enumerate(zip(tparams, rparams, states)):
-        _assert_close(rp, tp, "torch", f"param {i}")
-        _assert_close(s["momentum_buffer"], opt.state[tp]["momentum_buffer"], "torch", f"buf {i}")
+        _assert_close(rp, tp, f"param {i}")
+        _assert_close(s["momentum_buffer"], opt.state[tp]["momentum_buffer"], f"buf {i}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,10 +279,10 @@ def test_grad_scale_divides(step_fn, kw, decoupled):
         step_fn(p_scaled, g * scale, s_scaled, grad_scale=scale, decoupled=decoupled, **kw)
         step_fn(p_plain, g, s_plain, decoupled=decoupled, **kw)
         step_fn(p_ignored, g * scale, s_ignored, decoupled=decoupled, **kw)
-    np.testing.assert_allclose(p_scaled, p_plain, **TOL["same_math"])
+    np.testing.assert_allclose(p_scaled, p_plain, **TOL.kw)
     # Adam's step barely sees a grad scale (m / sqrt(v)), its state does.
     key = "exp_avg" if step_fn is ref.adam_step else "momentum_buffer"
-    np.testing.assert_allclose(s_scaled[key], s_plain[key], **TOL["same_math"])
+    np.testing.assert_allclose(s_scaled[key], s_plain[key], **TOL.kw)
     assert _rel_gap(s_ignored[key], s_plain[key]) > REAL_GAP
 
 
@@ -420,7 +414,7 @@ def test_algorithm2_is_adam_with_schedule_decay(l2):
     ours = _reference_trajectory(ref.adam_step, theta0, grads_fn, ALPHA * etas, betas=BETAS,
                                  eps=EPS, weight_decay=lam, decoupled=not l2,
                                  decay_scaling="schedule", initial_lr=ALPHA)
-    np.testing.assert_allclose(ours, paper, **TOL["same_math"])
+    np.testing.assert_allclose(ours, paper, **TOL.kw)
     if not l2:
         # torch's scaling (decay lr * lam = alpha * eta_t * lam) is not the paper's.
         torch_form = _reference_trajectory(ref.adam_step, theta0, grads_fn, ALPHA * etas,
@@ -442,7 +436,7 @@ def test_algorithm1_is_sgdw_at_constant_lr(l2):
     paper = ref.paper_algorithm1(theta0, grads_fn, alpha=ALPHA, beta1=beta1, lam=lam,
                                  etas=etas, l2=l2)
     ours = _sgdw_trajectory(theta0, grads_fn, ALPHA * etas, lam, beta1, l2=l2)
-    np.testing.assert_allclose(ours, paper, **TOL["same_math"])
+    np.testing.assert_allclose(ours, paper, **TOL.kw)
 
 
 def test_algorithm1_and_sgdw_part_where_the_lr_changes():
@@ -454,7 +448,7 @@ def test_algorithm1_and_sgdw_part_where_the_lr_changes():
     etas = np.where(np.arange(1, steps + 1) < change, 1.0, 0.3)   # eta_t changes at t = 20
     paper = ref.paper_algorithm1(theta0, grads_fn, alpha=ALPHA, beta1=beta1, lam=lam, etas=etas)
     ours = _sgdw_trajectory(theta0, grads_fn, ALPHA * etas, lam, beta1)
-    np.testing.assert_allclose(ours[:change], paper[:change], **TOL["same_math"])
+    np.testing.assert_allclose(ours[:change], paper[:change], **TOL.kw)
     step_gap = [_rel_gap(ours[t], paper[t]) for t in range(change, steps + 1)]
     assert min(step_gap) > REAL_GAP, step_gap
     # At the change step the gap is exactly the old buffer re-weighted:
@@ -464,8 +458,7 @@ def test_algorithm1_and_sgdw_part_where_the_lr_changes():
         g = grads_fn(t, ours[t - 1].copy())
         buf = g if t == 1 else beta1 * buf + g
     expected = (etas[change - 2] - etas[change - 1]) * ALPHA * beta1 * buf
-    np.testing.assert_allclose(ours[change] - paper[change], expected,
-                               rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(ours[change] - paper[change], expected, **TRAJECTORY_DIFFERENCE.kw)
 
 
 def test_proposition1_sgd_l2_over_alpha_is_decoupled_decay():
@@ -477,11 +470,11 @@ def test_proposition1_sgd_l2_over_alpha_is_decoupled_decay():
     decay = ref.paper_algorithm1(theta0, grads_fn, alpha=ALPHA, beta1=0.0, lam=lam, etas=etas)
     l2 = ref.paper_algorithm1(theta0, grads_fn, alpha=ALPHA, beta1=0.0, lam=lam / ALPHA,
                               etas=etas, l2=True)
-    np.testing.assert_allclose(l2, decay, **TOL["same_math"])
+    np.testing.assert_allclose(l2, decay, **TOL.kw)
     ours_decay = _sgdw_trajectory(theta0, grads_fn, ALPHA * etas, lam, 0.0)
     ours_l2 = _sgdw_trajectory(theta0, grads_fn, ALPHA * etas, lam / ALPHA, 0.0, l2=True)
-    np.testing.assert_allclose(ours_l2, ours_decay, **TOL["same_math"])
-    np.testing.assert_allclose(ours_decay, decay, **TOL["same_math"])
+    np.testing.assert_allclose(ours_l2, ours_decay, **TOL.kw)
+    np.testing.assert_allclose(ours_decay, decay, **TOL.kw)
     wrong = ref.paper_algorithm1(theta0, grads_fn, alpha=ALPHA, beta1=0.0, lam=lam,
                                  etas=etas, l2=True)
     assert _rel_gap(wrong, decay) > REAL_GAP
@@ -550,5 +543,5 @@ def test_proposition2_no_l2_coefficient_reproduces_adamw():
 
     # SGD with L2 stays stable while alpha * (scale + lam') < 2, hence the smaller range.
     sgd_best, sgd_min = _best_l2_coefficient(sgd_gap, lo=1e-6, hi=20.0)
-    assert sgd_min < 1e-12, sgd_min
+    assert sgd_min < TOL.rtol, sgd_min
     assert sgd_best == pytest.approx(lam / ALPHA, rel=1e-3)

@@ -1,31 +1,91 @@
 """The correctness suite every backend passes, through the public classes.
 
-A test module runs it for one backend by setting BACKEND, DEVICE and SIZES and
-importing everything from here (see test_adam_cpu.py). Oracles:
+Collected once; each test runs for every backend through the `backend`
+fixture (a Backend: the optimizers' backend= name, the device of the params,
+the sizes of the tests that take a `size`), and its id starts with the
+backend's name:
+
+  cpu     fused_adamw._cpu on CPU tensors, sizes 1, 7, 4097, 2**20 + 3;
+  torch   the foreach backend on CPU tensors, sizes 1, 7, 4097;
+  triton  with a GPU, compiled, on CUDA tensors at the full sizes; without
+          one, under the Triton interpreter (conftest.py sets
+          TRITON_INTERPRET) on CPU tensors at the small sizes, since the
+          interpreter is slow;
+  cuda    fused_adamw._cuda, full sizes; marked `gpu` (skipped without one).
+
+Oracles:
 
   * fused_adamw.reference (float64), for every mode x dtype x size, over
     STEPS steps with an LR scheduler changing lr every step, params and state;
   * torch.optim in the same dtype: for float32/float64 the trajectories agree
-    within TOL; for 16-bit storage the rule of STYLE.md, our max error against
-    the reference is at most twice torch's (or one rounding unit of the largest
-    value, where torch happens to be exact); modes that torch lacks (SGDW,
-    decay_scaling="schedule") get the worst-case rounding bound instead:
-    one half-unit per step;
-  * state-dict round trips with torch.optim in the middle of a run.
+    within tolerances.TRAJECTORY; for 16-bit storage the rule of STYLE.md, our
+    max error against the reference is at most twice torch's (or one rounding
+    unit of the largest value, where torch happens to be exact); modes that
+    torch lacks (SGDW, decay_scaling="schedule") get the worst-case rounding
+    bound instead: one half-unit per step;
+  * state-dict round trips with torch.optim in the middle of a run;
+  * on a GPU, the Triton and CUDA backends against each other.
 
 Data: fresh random params and grads from a seeded generator, never zeros;
 each call updates several tensors of different sizes and shapes at once.
+
+    pytest tests/test_backend_suite.py              # every backend (a few minutes on 2 cores)
+    pytest tests/test_backend_suite.py -k "[cpu"    # one backend: its ids start with "[cpu"
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 import torch
 
 import fused_adamw as fa
 from fused_adamw import reference
+from tolerances import GPU_BACKENDS, HALF_ULPS_PER_STEP, SAME_MATH, TORCH_ERROR_FACTOR, TRAJECTORY, ULP
+
+
+class Backend(NamedTuple):
+    name: str  # the optimizers' backend= keyword
+    device: str  # where the params, grads and state live
+    sizes: tuple  # the values of `size` for the tests that take one
+
+
+_GPU = torch.cuda.is_available()
+_FULL_SIZES = (1, 7, 4097, 2**20 + 3)
+_SMALL_SIZES = (1, 7, 4097)  # the torch backend, and Triton's interpreter (slow)
+BACKENDS = (
+    Backend("cpu", "cpu", _FULL_SIZES),
+    Backend("torch", "cpu", _SMALL_SIZES),
+    Backend("triton", "cuda" if _GPU else "cpu", _FULL_SIZES if _GPU else _SMALL_SIZES),
+    Backend("cuda", "cuda", _FULL_SIZES),
+)
+_MARKS = {"cuda": (pytest.mark.gpu,)}
+
+
+def pytest_generate_tests(metafunc):
+    """Each test of this module that takes `backend` runs once per backend,
+    and once per size of that backend if it also takes `size`."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    if "size" in metafunc.fixturenames:
+        cases = [pytest.param(b, s, id=f"{b.name}-n{s}", marks=_MARKS.get(b.name, ()))
+                 for b in BACKENDS for s in b.sizes]
+        metafunc.parametrize(("backend", "size"), cases, indirect=["backend"])
+    else:
+        cases = [pytest.param(b, id=b.name, marks=_MARKS.get(b.name, ())) for b in BACKENDS]
+        metafunc.parametrize("backend", cases, indirect=True)
+
+
+@pytest.fixture
+def backend(request) -> Backend:
+    """The Backend a test runs on (parametrized by pytest_generate_tests above)."""
+    if request.param.name == "triton":
+        pytest.importorskip("triton")
+    return request.param
+
 
 STEPS = 20
 
@@ -38,11 +98,6 @@ DTYPES = {
     "bf16-fp32state": (torch.bfloat16, torch.float32),
     "fp16-fp32state": (torch.float16, torch.float32),
 }
-# float32/float64 against the reference: (rtol, atol per unit of the largest |value|).
-TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}
-# Relative size of one rounding unit (2**-mantissa bits) of the 16-bit types.
-ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
-
 ADAM_COMMON = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
 FP16_EPS = 1e-4
 SGD_COMMON = dict(lr=5e-2)
@@ -126,10 +181,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, dtype, what: str, torch_val=None, steps=STEPS):
-    if dtype in TOL:
+    if dtype in TRAJECTORY:
         # atol scales with the largest magnitude: an element that is a small
         # difference of large terms (a momentum buffer) carries their rounding.
-        rtol, atol = TOL[dtype]
+        rtol, atol = TRAJECTORY[dtype]
         scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
         np.testing.assert_allclose(ours, ref, rtol=rtol, atol=atol * scale, err_msg=what)
         return
@@ -137,10 +192,10 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, dtype, what: str, torch_val=
     scale = float(np.max(np.abs(ref))) or 1.0
     torch_err = float(np.max(np.abs(torch_val - ref))) if torch_val is not None else math.nan
     if math.isfinite(torch_err):
-        bound = max(2.0 * torch_err, ULP[dtype] * scale)
+        bound = max(TORCH_ERROR_FACTOR * torch_err, ULP[dtype] * scale)
         assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (torch's error {torch_err:.3g})"
     else:  # no torch twin, or torch itself overflowed (fp16 Adam: eps=1e-8 underflows to 0)
-        bound = steps * 0.5 * ULP[dtype] * scale
+        bound = steps * HALF_ULPS_PER_STEP * ULP[dtype] * scale
         assert err <= bound, f"{what}: error {err:.3g} > {steps} half-units {bound:.3g}"
 
 
@@ -157,7 +212,7 @@ def check_against_oracles(cls_name, kw, size, dtype_id, backend, device, seed):
     ref_p, ref_s = run_reference(cls_name, kw, init, grads, dtype, lrs)
     twin = TORCH_TWIN.get(cls_name)
     torch_params = torch_opt = None
-    if dtype not in TOL and twin is not None and kw.get("decay_scaling", "lr") == "lr":
+    if dtype not in TRAJECTORY and twin is not None and kw.get("decay_scaling", "lr") == "lr":
         torch_kw = {k: v for k, v in kw.items() if k != "decay_scaling"}
         torch_params, torch_opt, _ = run_optimizer(twin, torch_kw, init, grads, dtype, "cpu")
     # The low-precision rule compares max errors, so it is applied to all the
@@ -186,30 +241,31 @@ def check_against_oracles(cls_name, kw, size, dtype_id, backend, device, seed):
 
 @pytest.mark.parametrize("dtype_id", list(DTYPES))
 @pytest.mark.parametrize("mode", list(ADAM_MODES))
-def test_adam_against_reference(backend, device, mode, dtype_id, size):
+def test_adam_against_reference(backend, mode, dtype_id, size):
     cls_name, kw = ADAM_MODES[mode]
-    check_against_oracles(cls_name, dict(ADAM_COMMON, **kw), size, dtype_id, backend, device, seed=size)
+    check_against_oracles(cls_name, dict(ADAM_COMMON, **kw), size, dtype_id, backend.name, backend.device, seed=size)
 
 
 @pytest.mark.parametrize("dtype_id", list(DTYPES))
 @pytest.mark.parametrize("mode", list(SGD_MODES))
-def test_sgd_against_reference(backend, device, mode, dtype_id, size):
+def test_sgd_against_reference(backend, mode, dtype_id, size):
     cls_name, kw = SGD_MODES[mode]
-    check_against_oracles(cls_name, dict(SGD_COMMON, **kw), size, dtype_id, backend, device, seed=size)
+    check_against_oracles(cls_name, dict(SGD_COMMON, **kw), size, dtype_id, backend.name, backend.device, seed=size)
 
 
 @pytest.mark.parametrize("mode", ["adamw", "adam-l2", "adamw-amsgrad", "adam-l2-amsgrad-maximize",
                                   "sgd-momentum-l2", "sgd-nesterov-maximize"])
 @pytest.mark.parametrize("dtype_id", ["fp32", "fp64"])
-def test_trajectory_matches_torch_optim(backend, device, mode, dtype_id):
+def test_trajectory_matches_torch_optim(backend, mode, dtype_id):
     """Same dtype, same data: our params and state track torch.optim's."""
+    device = backend.device
     cls_name, kw = {**ADAM_MODES, **SGD_MODES}[mode]
     kw = dict(ADAM_COMMON if cls_name.startswith("Adam") else SGD_COMMON, **kw)
     dtype = DTYPES[dtype_id][0]
     init, grads = make_data(257, seed=7)
-    ours, o_opt, _ = run_optimizer(getattr(fa, cls_name), dict(kw, backend=backend), init, grads, dtype, device)
+    ours, o_opt, _ = run_optimizer(getattr(fa, cls_name), dict(kw, backend=backend.name), init, grads, dtype, device)
     theirs, t_opt, _ = run_optimizer(TORCH_TWIN[cls_name], kw, init, grads, dtype, "cpu")
-    rtol, atol = TOL[dtype]
+    rtol, atol = TRAJECTORY[dtype]
     for p, q in zip(ours, theirs):
         np.testing.assert_allclose(_np(p), _np(q), rtol=rtol, atol=atol)
         for key, val in t_opt.state[q].items():
@@ -217,8 +273,9 @@ def test_trajectory_matches_torch_optim(backend, device, mode, dtype_id):
 
 
 @pytest.mark.parametrize("cls_name", ["AdamW", "Adam", "SGD"])
-def test_state_dict_round_trip_with_torch(backend, device, cls_name):
+def test_state_dict_round_trip_with_torch(backend, cls_name):
     """torch -> ours -> torch mid-run continues exactly like torch throughout."""
+    device = backend.device
     kw = dict(ADAM_COMMON, weight_decay=0.1, amsgrad=True) if cls_name.startswith("Adam") else \
         dict(SGD_COMMON, momentum=0.9, dampening=0.1, weight_decay=0.1)
     init, grads = make_data(65, seed=11, steps=18)
@@ -237,23 +294,25 @@ def test_state_dict_round_trip_with_torch(backend, device, cls_name):
     params = [p.to(device=device, dtype=dtype).clone().requires_grad_() for p in init]
     t1 = TORCH_TWIN[cls_name](params, **kw)
     run(params, t1, grads[:6])
-    ours = getattr(fa, cls_name)(params, **kw, backend=backend)
+    ours = getattr(fa, cls_name)(params, **kw, backend=backend.name)
     ours.load_state_dict(t1.state_dict())
     run(params, ours, grads[6:12])
     t2 = TORCH_TWIN[cls_name](params, **kw)
     t2.load_state_dict(ours.state_dict())
     run(params, t2, grads[12:])
+    tol = TRAJECTORY[dtype]
     for p, q in zip(params, whole_p):
-        np.testing.assert_allclose(_np(p), _np(q), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(_np(p), _np(q), **tol.kw)
         for key, val in whole.state[q].items():
-            np.testing.assert_allclose(_np(t2.state[p][key]), _np(val), rtol=1e-10, atol=1e-12, err_msg=key)
+            np.testing.assert_allclose(_np(t2.state[p][key]), _np(val), **tol.kw, err_msg=key)
 
 
-def test_amp_grad_scale_and_found_inf(backend, device):
+def test_amp_grad_scale_and_found_inf(backend):
     """GradScaler's protocol: grads divided by grad_scale; found_inf != 0
     leaves params, state and step counts untouched."""
+    device = backend.device
     init, grads = make_data(33, seed=5, steps=4)
-    kw = dict(ADAM_COMMON, weight_decay=0.1, backend=backend)
+    kw = dict(ADAM_COMMON, weight_decay=0.1, backend=backend.name)
     plain, p_opt, _ = run_optimizer(fa.AdamW, kw, init, grads, torch.float32, device, sched=False)
 
     params = [p.to(device=device, dtype=torch.float32).clone().requires_grad_() for p in init]
@@ -278,15 +337,16 @@ def test_amp_grad_scale_and_found_inf(backend, device):
                     assert torch.equal(opt.state[p][k], v), k
         del opt.grad_scale, opt.found_inf
     for p, q in zip(params, plain):
-        np.testing.assert_allclose(_np(p), _np(q), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(_np(p), _np(q), **SAME_MATH[torch.float32].kw)
 
 
-def test_per_tensor_step_counts(backend, device):
+def test_per_tensor_step_counts(backend):
     """A param whose grads start later has its own step count and bias correction."""
+    device = backend.device
     init, grads = make_data(17, seed=3, steps=8)
     kw = dict(ADAM_COMMON, weight_decay=0.1)
     params = [p.to(device=device, dtype=torch.float64).clone().requires_grad_() for p in init]
-    opt = fa.AdamW(params, **kw, backend=backend)
+    opt = fa.AdamW(params, **kw, backend=backend.name)
     ref_p = [p.double().numpy().copy() for p in init]
     ref_s = [{} for _ in init]
     for t, gs in enumerate(grads):
@@ -299,25 +359,27 @@ def test_per_tensor_step_counts(backend, device):
         opt.step()
     assert float(opt.state[params[1]]["step"]) == len(grads) - 3
     for p, r in zip(params, ref_p):
-        np.testing.assert_allclose(_np(p), r, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(_np(p), r, **TRAJECTORY[torch.float64].kw)
 
 
-def test_lr_tensor_equals_float(backend, device):
+def test_lr_tensor_equals_float(backend):
+    device = backend.device
     init, grads = make_data(9, seed=4, steps=5)
-    a, _, _ = run_optimizer(fa.AdamW, dict(ADAM_COMMON, backend=backend), init, grads, torch.float32, device)
-    kw = dict(ADAM_COMMON, backend=backend, lr=torch.tensor(ADAM_COMMON["lr"]))
+    a, _, _ = run_optimizer(fa.AdamW, dict(ADAM_COMMON, backend=backend.name), init, grads, torch.float32, device)
+    kw = dict(ADAM_COMMON, backend=backend.name, lr=torch.tensor(ADAM_COMMON["lr"]))
     b, _, _ = run_optimizer(fa.AdamW, kw, init, grads, torch.float32, device)
     for p, q in zip(a, b):
-        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(p, q, **SAME_MATH[torch.float32].kw)
 
 
-def test_two_groups_two_dtypes(backend, device):
+def test_two_groups_two_dtypes(backend):
     """One optimizer, one fp32 group and one bf16 group with fp32 state."""
+    device = backend.device
     init, grads = make_data(100, seed=8, steps=6)
     p32 = [init[0].to(device=device, dtype=torch.float32).clone().requires_grad_()]
     p16 = [init[1].to(device=device, dtype=torch.bfloat16).clone().requires_grad_()]
     opt = fa.AdamW([{"params": p32}, {"params": p16, "state_dtype": torch.float32, "lr": 2e-2}],
-                   **ADAM_COMMON, weight_decay=0.1, backend=backend)
+                   **ADAM_COMMON, weight_decay=0.1, backend=backend.name)
     ref = [p32[0].detach().double().cpu().numpy().copy(), p16[0].detach().double().cpu().numpy().copy()]
     states = [{}, {}]
     for gs in grads:
@@ -328,17 +390,18 @@ def test_two_groups_two_dtypes(backend, device):
                                 weight_decay=0.1, decoupled=True)
         opt.step()
     assert opt.state[p16[0]]["exp_avg"].dtype == torch.float32
-    np.testing.assert_allclose(_np(p32[0]), ref[0], rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(_np(p32[0]), ref[0], **TRAJECTORY[torch.float32].kw)
     assert_close(_np(p16[0]), ref[1], torch.bfloat16, "bf16 group", steps=len(grads))
 
 
 @pytest.mark.parametrize("mode", ["adam-l2-amsgrad-maximize", "adamw", "sgd-nesterov-maximize", "sgdw-schedule"])
-def test_grads_are_read_only(backend, device, mode):
+def test_grads_are_read_only(backend, mode):
+    device = backend.device
     cls_name, kw = {**ADAM_MODES, **SGD_MODES}[mode]
     kw = dict(ADAM_COMMON if cls_name.startswith("Adam") else SGD_COMMON, **kw)
     init, grads = make_data(33, seed=6, steps=3)
     params = [p.to(device=device, dtype=torch.float32).clone().requires_grad_() for p in init]
-    opt = getattr(fa, cls_name)(params, **kw, backend=backend)
+    opt = getattr(fa, cls_name)(params, **kw, backend=backend.name)
     opt.grad_scale = torch.tensor(2.0, device=device)
     for gs in grads:
         given = [g.to(device=device, dtype=torch.float32) for g in gs]
@@ -349,27 +412,29 @@ def test_grads_are_read_only(backend, device, mode):
             assert torch.equal(p.grad, g)
 
 
-def test_params_without_grad_are_untouched(backend, device):
+def test_params_without_grad_are_untouched(backend):
+    device = backend.device
     a = torch.randn(10, device=device, requires_grad=True)
     b = torch.randn(10, device=device, requires_grad=True)
     b0 = b.detach().clone()
-    opt = fa.AdamW([a, b], backend=backend)
+    opt = fa.AdamW([a, b], backend=backend.name)
     a.grad = torch.randn_like(a)
     opt.step()
     assert torch.equal(b.detach(), b0)
     assert len(opt.state[b]) == 0
 
 
-def test_channels_last_and_complex_params(backend, device):
+def test_channels_last_and_complex_params(backend):
     """Dense non-contiguous layouts update in storage order; complex params
     through their real view, as torch.optim does."""
+    device = backend.device
     gen = torch.Generator().manual_seed(9)
     conv = torch.randn(4, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last)
     cplx = torch.randn(6, dtype=torch.complex64, generator=gen)
     ours = [conv.clone(memory_format=torch.preserve_format).to(device).requires_grad_(),
             cplx.clone().to(device).requires_grad_()]
     theirs = [conv.clone(memory_format=torch.preserve_format).requires_grad_(), cplx.clone().requires_grad_()]
-    o = fa.AdamW(ours, **ADAM_COMMON, weight_decay=0.1, backend=backend)
+    o = fa.AdamW(ours, **ADAM_COMMON, weight_decay=0.1, backend=backend.name)
     t = torch.optim.AdamW(theirs, **ADAM_COMMON, weight_decay=0.1)
     for _ in range(5):
         gs = [torch.randn(conv.shape, generator=gen).to(memory_format=torch.channels_last),
@@ -380,33 +445,43 @@ def test_channels_last_and_complex_params(backend, device):
         o.step()
         t.step()
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), **TRAJECTORY[torch.float32].kw)
     assert ours[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_large_count_of_small_tensors(backend, device):
+def test_large_count_of_small_tensors(backend):
     """Many tensors in one call: the chunk list spans all of them."""
     gen = torch.Generator().manual_seed(12)
     init = [torch.randn(int(n), generator=gen, dtype=torch.float64) for n in torch.randint(1, 40, (300,), generator=gen)]
     grads = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in init] for _ in range(3)]
-    params, _, lrs = run_optimizer(fa.AdamW, dict(ADAM_COMMON, weight_decay=0.1, backend=backend), init, grads,
-                                   torch.float32, device)
+    kw = dict(ADAM_COMMON, weight_decay=0.1, backend=backend.name)
+    params, _, lrs = run_optimizer(fa.AdamW, kw, init, grads, torch.float32, backend.device)
     ref_p, _ = run_reference("AdamW", dict(ADAM_COMMON, weight_decay=0.1), init, grads, torch.float32, lrs)
     for p, r in zip(params, ref_p):
-        np.testing.assert_allclose(_np(p), r, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(_np(p), r, **TRAJECTORY[torch.float32].kw)
 
 
-__all__ = [name for name in dir() if name.startswith("test_")]
+# ---------------------------------------------------------------- the GPU backends against each other
 
-
-@pytest.fixture
-def device(request):
-    return getattr(request.module, "DEVICE", "cpu")
-
-
-@pytest.fixture
-def backend(request):
-    return request.module.BACKEND
-
-
-__all__ += ["device", "backend"]
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["adamw", "adam-l2-amsgrad-maximize", "sgd-nesterov-maximize", "sgdw-schedule"])
+@pytest.mark.parametrize("dtype_id", ["fp32", "bf16-fp32state"])
+def test_triton_equals_cuda_backend(mode, dtype_id):
+    """Both GPU backends run the same fp32 math (update.h and its Triton
+    mirror): their trajectories agree to rounding, tensor by tensor."""
+    pytest.importorskip("triton")
+    cls_name, kw = {**ADAM_MODES, **SGD_MODES}[mode]
+    kw = dict(ADAM_COMMON if cls_name.startswith("Adam") else SGD_COMMON, **kw)
+    dtype, state_dtype = DTYPES[dtype_id]
+    init, grads = make_data(4097, seed=21)
+    runs = {}
+    for name in ("triton", "cuda"):
+        params, opt, _ = run_optimizer(getattr(fa, cls_name), dict(kw, backend=name, state_dtype=state_dtype),
+                                       init, grads, dtype, "cuda")
+        runs[name] = (params, opt)
+    (tp, topt), (cp, copt) = runs["triton"], runs["cuda"]
+    tol = GPU_BACKENDS[dtype]
+    for a, b in zip(tp, cp):
+        torch.testing.assert_close(a, b, **tol.kw)
+        for key, val in topt.state[a].items():
+            torch.testing.assert_close(val, copt.state[b][key], **tol.kw, msg=key)
