@@ -350,3 +350,20 @@ def test_batch_validates_what_the_kernels_rely_on():
     with pytest.raises(ValueError, match=r"step' of params\[0\]"):
         plan.Batch.adam(p, [torch.randn(4)] * 2, [torch.zeros(4)] * 2, [torch.zeros(4)] * 2, None,
                         [torch.zeros((), dtype=torch.float64), torch.zeros(())])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_plan_holds_no_grads_between_steps(backend):
+    """zero_grad(set_to_none=True) must free the grads before the next
+    backward, as with torch.optim: the plan keeps addresses, not tensors."""
+    import gc
+    import weakref
+    p = [torch.randn(64, requires_grad=True) for _ in range(3)]
+    opt = fa.AdamW(p, backend=backend)
+    for t in p:
+        t.grad = torch.randn(64)
+    refs = [weakref.ref(t.grad) for t in p]
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)

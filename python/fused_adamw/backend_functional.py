@@ -43,40 +43,42 @@ def _unscaled(grads, grad_scale):
     return [g / grad_scale.to(g.device) for g in grads]
 
 
-def _work(params, state_dtype, differentiable):
-    """The tensors the update runs on: the params, or float32 copies of them."""
-    if differentiable or not params or params[0].dtype == state_dtype or params[0].is_complex():
-        return list(params), False
-    return [p.to(state_dtype) for p in params], True
+def _inputs(batch, grad_scale):
+    """(params, grads, copied): what torch's code runs on. The params and
+    unscaled grads, or float32 copies of both where the state is float32 and
+    the params 16-bit (then the params take the result back afterwards)."""
+    grads = _unscaled(batch.grads, grad_scale)
+    params = batch.params
+    if batch.differentiable or params[0].dtype == batch.state_dtype or params[0].is_complex():
+        return list(params), grads, False
+    return [p.to(batch.state_dtype) for p in params], [g.to(batch.state_dtype) for g in grads], True
+
+
+def _write_back(batch, params, copied) -> None:
+    if copied:
+        for p, w in zip(batch.params, params):
+            p.copy_(w)
 
 
 def adam_step(batch, hyper: AdamHyper, *, grad_scale=None, found_inf=None) -> None:
     """torch.optim.adam.adam on the batch's tensors (module docstring)."""
     if not batch.params or _skip(found_inf):
         return
-    params, copied = _work(batch.params, batch.state_dtype, batch.differentiable)
-    grads = _unscaled(batch.grads, grad_scale)
-    if copied:
-        grads = [g.to(batch.state_dtype) for g in grads]
+    params, grads, copied = _inputs(batch, grad_scale)
     _torch_adam(params, grads, batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs or [], batch.steps,
                 foreach=False, capturable=False, differentiable=batch.differentiable,
                 has_complex=any(p.is_complex() for p in params),
                 decoupled_weight_decay=hyper.decoupled, amsgrad=hyper.amsgrad,
                 beta1=hyper.beta1, beta2=hyper.beta2, lr=hyper.lr, eps=hyper.eps, maximize=hyper.maximize,
                 weight_decay=hyper.decay_coeff if hyper.decoupled else hyper.weight_decay)
-    if copied:
-        for p, w in zip(batch.params, params):
-            p.copy_(w)
+    _write_back(batch, params, copied)
 
 
 def sgd_step(batch, hyper: SgdHyper, *, grad_scale=None, found_inf=None) -> None:
     """torch.optim.sgd.sgd on the batch's tensors (module docstring)."""
     if not batch.params or _skip(found_inf):
         return
-    params, copied = _work(batch.params, batch.state_dtype, batch.differentiable)
-    grads = _unscaled(batch.grads, grad_scale)
-    if copied:
-        grads = [g.to(batch.state_dtype) for g in grads]
+    params, grads, copied = _inputs(batch, grad_scale)
     lr = float(hyper.lr) if not batch.differentiable else hyper.lr
     if hyper.decoupled and hyper.decay_coeff != 0.0:
         for p in params:
@@ -86,9 +88,7 @@ def sgd_step(batch, hyper: SgdHyper, *, grad_scale=None, found_inf=None) -> None
     _torch_sgd(params, grads, bufs, has_sparse_grad=any(g.is_sparse for g in grads), foreach=False,
                weight_decay=0.0 if hyper.decoupled else hyper.weight_decay, momentum=hyper.momentum,
                lr=lr, dampening=hyper.dampening, nesterov=hyper.nesterov, maximize=hyper.maximize)
-    if copied:
-        for p, w in zip(batch.params, params):
-            p.copy_(w)
+    _write_back(batch, params, copied)
     if use_momentum:
         for st, old, new in zip(batch.state_dicts, batch.momentum_buffers, bufs):
             if old is None and new is not None:  # torch made it from this step's grad

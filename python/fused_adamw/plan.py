@@ -417,6 +417,11 @@ class GroupPlan:
                 )
         if self._first:
             self._commit_first()
+        # Hold no grads between steps (the table keeps their addresses only):
+        # with zero_grad(set_to_none=True) they are freed before the next
+        # backward, as with torch.optim.
+        for b in self._buckets:
+            b.batch.grads = None
 
     def _refresh(self, user_grads: list) -> bool:
         """Metadata as at the build: bring addresses up to date. False where
