@@ -127,6 +127,9 @@ class Provider:
     skip: Callable[[Workload, torch.device, bool], Optional[str]] = \
         field(default=lambda w, device, named: None)
     is_package: bool = False
+    # The native module whose *_step functions do this provider's update
+    # (fused_adamw._cpu / ._cuda); --profile times the step around them.
+    native_module: Optional[str] = None
 
 
 def _torch_runner(params, cfg: OptConfig, **impl) -> Runner:
@@ -187,6 +190,7 @@ def import_package():
 
 
 CANDIDATE_BACKENDS = ("cpu", "cuda", "triton", "torch")
+NATIVE_MODULES = {"cpu": "fused_adamw._cpu", "cuda": "fused_adamw._cuda"}
 
 
 # The Triton interpreter (TRITON_INTERPRET=1) runs kernels in NumPy: a
@@ -242,6 +246,7 @@ def package_providers(device: torch.device, cfg: OptConfig) -> Tuple[List[Provid
             else:
                 notes.append(f"backend {b!r} unusable on {device.type}: {err}")
     provs = [Provider(f"fused_adamw-{b}", _package_runner(fa, b), is_package=True,
+                      native_module=NATIVE_MODULES.get(b),
                       **({"skip": _interpreter_skip} if b == "triton" else {}))
              for b in backends]
     return provs, notes

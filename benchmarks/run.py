@@ -1,22 +1,29 @@
 """Benchmark and profiling harness for fused_adamw: times whole opt.step()
 calls of this package's backends against torch.optim's implementations.
 
-Run from the repository root:
+Run from the repository root (or anywhere):
   python benchmarks/run.py                      # default sweep on cuda if present, else cpu
   python benchmarks/run.py --quick              # a short sweep (under 2 minutes on 2 CPU cores)
   python benchmarks/run.py --workloads 4x16M gpt2 --providers torch-fused 'fused_adamw-*'
   python benchmarks/run.py --dtype bf16 --state-dtype fp32 --optimizer adamw --profile
   python benchmarks/run.py --help               # every option
 
-For every (workload, provider): allocate fresh random params and grads; build
-the optimizer; take CHECK_STEPS steps and compare them with torch.optim
-foreach (check.py; a provider that fails is reported FAILED and not timed);
-warm up; time many steps (timing.py); optionally profile a few (--profile,
-profiling.py); free everything. GB/s counts the bytes a step must move
-(providers.bytes_per_step: 28 B per element for fp32 AdamW) and is compared
-with the copy bandwidth measured at the start of the same run. Output: a
-table on stdout, DIR/results.json, DIR/*.png, DIR/trace_*.json with
---profile (report.py). Default DIR: benchmarks/results/<device>-<UTC time>.
+Per workload: allocate random params and grads (one set, shared by the
+providers); for each provider build the optimizer and take CHECK_STEPS steps
+compared with torch.optim foreach (check.py; a provider that fails is
+reported FAILED and not timed); then time the providers that passed
+interleaved, in rounds (timing.measure_interleaved: each round runs a few
+steps of every provider in turn), so a busy spell of the machine hits them
+alike; each row reports the median over rounds and the spread p20..p80, the
+speedup over torch-fused is taken round by round, a row whose spread says
+the machine was loaded is flagged "busy?" (timing.busy_reason), and each
+row's timed steps are capped at about --row-seconds. Optionally profile a
+few steps and measure the host cost of a step (--profile, profiling.py).
+GB/s counts the bytes a step must move (providers.bytes_per_step: 28 B per
+element for fp32 AdamW) and is compared with the copy bandwidth measured at
+the start of the same run. Output: a table on stdout, DIR/results.json,
+DIR/*.png, DIR/trace_*.json with --profile (report.py). Default DIR:
+<temp dir>/fused_adamw-bench-<device>-<UTC time>, outside the source tree.
 Follows STYLE.md's benchmark rules; workloads are described in workloads.py.
 """
 from __future__ import annotations
@@ -28,8 +35,10 @@ import importlib.metadata
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -58,13 +67,22 @@ DEFAULTS = {
     ("cpu", False): (["single", "4x16M", "2000x16K", "20000x1K", "resnet50", "gpt2"], list(range(12, 25, 2))),
     ("cpu", True): (["single", "4x16M", "20000x1K"], list(range(12, 23, 3))),
 }
-# Timing per device: minimum and maximum timed steps, seconds per measurement.
-MIN_STEPS = {"cpu": 15, "cuda": 25}
-MAX_STEPS = {"cpu": 60, "cuda": 200}
-BUDGET_S = {"cpu": 0.3, "cuda": 0.2}
+# Timing per device: rounds of interleaved steps, seconds of timed steps per
+# row (workload x provider), at most this many timed steps per row. On this
+# project's 2-core CPU a step costs at least the cache flush (2 x the last
+# level cache: ~0.1 s for a 480 MiB L3), so a row gets 10-20 steps.
+ROUNDS = 5
+ROW_SECONDS = {("cpu", False): 2.0, ("cpu", True): 1.0, ("cuda", False): 1.0, ("cuda", True): 0.5}
+MAX_STEPS = {"cpu": 200, "cuda": 1000}
 # Elements the correctness check samples (see check.py).
 CHECK_BUDGET = {"cpu": 2 ** 21, "cuda": 2 ** 24}
 COPY_NUMEL = {"cpu": 2 ** 25, "cuda": 2 ** 28}
+
+
+def default_out_dir(device_type: str, stamp: str) -> str:
+    """<temp dir>/fused_adamw-bench-<device>-<stamp>: outside the source tree,
+    so a run never leaves files in the checkout (--out names a folder)."""
+    return os.path.join(tempfile.gettempdir(), f"fused_adamw-bench-{device_type}-{stamp}")
 
 
 def parse_exponents(text: str) -> List[int]:
@@ -95,11 +113,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help="fp32 optimizer state for 16-bit params (fused_adamw only; "
                          "torch providers keep state in the param dtype)")
     ap.add_argument("--amsgrad", action="store_true")
-    ap.add_argument("--out", metavar="DIR", help="default: benchmarks/results/<device>-<UTC time>")
+    ap.add_argument("--out", metavar="DIR",
+                    help="output folder (default: <temp dir>/fused_adamw-bench-<device>-<UTC time>)")
     ap.add_argument("--profile", action="store_true",
-                    help="torch.profiler trace and summary of a few steps per provider")
+                    help="torch.profiler trace and summary of a few steps per provider, and the "
+                         "host cost of a step (time outside the native call, us per tensor)")
     ap.add_argument("--profile-steps", type=int, default=3)
-    ap.add_argument("--min-steps", type=int, help="timed steps at least (cpu 15, cuda 25)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help=f"rounds of interleaved steps per workload (default {ROUNDS}, at least "
+                         f"{timing.MIN_ROUNDS})")
+    ap.add_argument("--row-seconds", type=float, metavar="S",
+                    help="seconds of timed steps per row (workload x provider), flushes included; "
+                         f"a provider leaves the rounds past {timing.CAP_SLACK} x S, after at least "
+                         "one round (default: cpu 2, cuda 1; halved with --quick)")
     ap.add_argument("--compile-max-tensors", type=int, default=400,
                     help="skip torch-compiled above this many tensors")
     ap.add_argument("--no-flush", action="store_true",
@@ -110,6 +136,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         ap.error("--state-dtype fp32 is for --dtype bf16 or fp16")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch.cuda.is_available() is False")
+    if args.rounds < timing.MIN_ROUNDS:
+        ap.error(f"--rounds must be at least {timing.MIN_ROUNDS}: the spread needs them")
+    if args.row_seconds is None:
+        args.row_seconds = ROW_SECONDS[(args.device, args.quick)]
     return args
 
 
@@ -174,85 +204,182 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def run_job(workload: wl.Workload, provider: prov.Provider, cfg: prov.OptConfig,
-            device: torch.device, args: argparse.Namespace, flusher: timing.CacheFlusher,
-            out_dir: str) -> Dict[str, object]:
+def _base_row(workload: wl.Workload, provider: prov.Provider, cfg: prov.OptConfig) -> Dict[str, object]:
     row: Dict[str, object] = {
         "workload": workload.name, "workload_kind": workload.kind, "provider": provider.name,
         "optimizer": cfg.optimizer.value, "amsgrad": cfg.amsgrad,
         "dtype": prov.DTYPE_NAMES[cfg.dtype], "numel": workload.numel,
         "n_tensors": workload.n_tensors, "status": "ok", "reason": "",
-        "ms_median": None, "p20": None, "p80": None, "gbps": None, "frac_copy_bw": None,
-        "steps_timed": None, "bytes_per_step": None, "peak_mem_bytes": None,
+        "ms_median": None, "p20": None, "p80": None, "ms_min": None, "ms_max": None,
+        "round_ms": None, "rounds": None, "steps_per_round": None, "row_capped": None,
+        "step_p20": None, "step_p80": None, "gbps": None, "frac_copy_bw": None,
+        "steps_timed": None, "timed_s": None, "bytes_per_step": None, "peak_mem_bytes": None,
         "peak_mem_kind": None, "check_max_err": None, "check_sampled_numel": None,
-        "first_steps_s": None, "note": cfg.note(),
+        "first_steps_s": None, "busy": None, "busy_reason": "", "others_cpu": None,
+        "note": cfg.note(),
     }
     row["state_dtype"] = prov.DTYPE_NAMES[cfg.state_dtype or cfg.dtype] if provider.is_package \
         else row["dtype"]
     if cfg.state_dtype is not None and not provider.is_package:
         row["note"] = f"torch keeps {row['dtype']} state (no fp32-state option)"
-    skip = provider.skip(workload, device, provider.name in (args.providers or ()))
-    if skip:
-        row.update(status="SKIPPED", reason=skip)
-        return row
+    return row
+
+
+def _mem_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _solo_step_peak(runner: prov.Runner, device: torch.device) -> int:
+    """CUDA: bytes one step allocates above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    runner.step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def run_workload(workload: wl.Workload, providers: Sequence[prov.Provider], cfg: prov.OptConfig,
+                 device: torch.device, args: argparse.Namespace, flusher: timing.CacheFlusher,
+                 out_dir: str) -> List[Dict[str, object]]:
+    """Rows for one workload, one per provider (see the module docstring)."""
+    rows = {p.name: _base_row(workload, p, cfg) for p in providers}
+    job_s = {p.name: 0.0 for p in providers}
+    todo = []
+    for p in providers:
+        skip = p.skip(workload, device, p.name in (args.providers or ()))
+        if skip:
+            rows[p.name].update(status="SKIPPED", reason=skip)
+        else:
+            todo.append(p)
+    if not todo:
+        return list(rows.values())
 
     params, grads = wl.make_tensors(workload, device, cfg.dtype, args.seed)
-    runner = None
+    runners: Dict[str, prov.Runner] = {}
+    hints: Dict[str, float] = {}  # seconds per step seen in the check
+    persistent: Dict[str, int] = {}
     try:
-        timing.sync(device)
-        base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        try:
-            runner = provider.build(params, cfg)
+        # Correctness first, provider by provider, on the shared tensors.
+        for p in todo:
+            row = rows[p.name]
             t0 = time.perf_counter()
-            chk = check.check_provider(runner, params, cfg, CHECK_BUDGET[device.type])
-            timing.sync(device)
+            mem0 = _mem_bytes(device)
+            runner = None
+            try:
+                runner = p.build(params, cfg)
+                chk = check.check_provider(runner, params, cfg, CHECK_BUDGET[device.type])
+                timing.sync(device)
+            except Exception as e:  # report any provider failure as a row, keep sweeping
+                if p.name == "torch-compiled":
+                    row.update(status="SKIPPED", reason="torch.compile failed: " + _why(e))
+                else:
+                    row.update(status="ERROR", reason=_why(e))
+                chk = None
             row["first_steps_s"] = time.perf_counter() - t0
-        except Exception as e:  # report any provider failure as a row, keep sweeping
-            if provider.name == "torch-compiled":
-                row.update(status="SKIPPED", reason="torch.compile failed: " + _why(e))
-            else:
-                row.update(status="ERROR", reason=_why(e))
-            return row
-        row["check_max_err"] = chk.max_err
-        row["check_sampled_numel"] = chk.sampled_numel
-        if not chk.ok:
-            row.update(status="FAILED", reason=chk.detail)
-            return row
-        gc.collect()  # the check's reference tensors
+            job_s[p.name] += row["first_steps_s"]
+            if chk is not None:
+                row["check_max_err"] = chk.max_err
+                row["check_sampled_numel"] = chk.sampled_numel
+                if not chk.ok:
+                    row.update(status="FAILED", reason=chk.detail)
+            if row["status"] != "ok":
+                del runner
+                gc.collect()
+                wl.refill_(params, grads, args.seed)  # it may have written NaN or dropped a grad
+                continue
+            runners[p.name] = runner
+            hints[p.name] = row["first_steps_s"] / check.CHECK_STEPS
+            del runner
+            gc.collect()  # the check's reference tensors
+            persistent[p.name] = _mem_bytes(device) - mem0  # state (+ caches) of this optimizer
+        if not runners:
+            return list(rows.values())
+        temporaries = ({n: _solo_step_peak(r, device) for n, r in runners.items()}
+                       if device.type == "cuda" else {})
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            t = timing.measure(runner.step, device, flusher, warmup=2,
-                               min_steps=args.min_steps or MIN_STEPS[device.type],
-                               max_steps=max(MAX_STEPS[device.type], args.min_steps or 0),
-                               budget_s=BUDGET_S[device.type])
-        except Exception as e:  # e.g. out of memory: report it, keep sweeping
-            row.update(status="ERROR", reason="while timing: " + _why(e))
-            return row
-        if device.type == "cuda":
-            row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - base_mem
-            row["peak_mem_kind"] = ("cuda max_memory_allocated over the timed steps minus "
-                                    "params and grads: state + temporaries")
-        else:
-            row["peak_mem_bytes"] = _state_bytes(runner.opt)
-            row["peak_mem_kind"] = "cpu: bytes of optimizer state tensors (temporaries not measured)"
-        nbytes = prov.bytes_per_step(cfg, workload.numel, workload.n_tensors, runner.state_dtype)
-        gbps = nbytes / (t.ms_median * 1e-3) / 1e9
-        row.update(ms_median=t.ms_median, p20=t.p20, p80=t.p80, steps_timed=t.steps,
-                   bytes_per_step=nbytes, gbps=gbps, frac_copy_bw=gbps / args.copy_gbps)
+        meter = timing.LoadMeter()
+        meter.start()
+        res = timing.measure_interleaved({n: r.step for n, r in runners.items()}, device, flusher,
+                                         rounds=args.rounds, row_seconds=args.row_seconds,
+                                         max_steps=MAX_STEPS[device.type], step_hint_s=hints)
+        others = meter.stop()
+
+        for name, runner in runners.items():
+            row = rows[name]
+            job_s[name] += res.warmup_s[name] + res.timed_s[name]
+            row["others_cpu"] = others
+            if name in res.errors:  # e.g. out of memory: report it, keep sweeping
+                row.update(status="ERROR", reason="while timing: " + _why(res.errors[name]))
+            if not res.round_ms[name]:
+                if row["status"] == "ok":
+                    row.update(status="ERROR", reason="no round completed")
+                continue
+            rms = res.round_ms[name]
+            nbytes = prov.bytes_per_step(cfg, workload.numel, workload.n_tensors, runner.state_dtype)
+            ms = statistics.median(rms)
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            row.update(ms_median=ms, p20=timing.quantile(rms, 0.2), p80=timing.quantile(rms, 0.8),
+                       ms_min=min(rms), ms_max=max(rms), round_ms=rms, rounds=len(rms),
+                       steps_per_round=res.steps_per_round[name], row_capped=res.capped(name),
+                       step_p20=timing.quantile(res.step_ms[name], 0.2),
+                       step_p80=timing.quantile(res.step_ms[name], 0.8),
+                       steps_timed=len(res.step_ms[name]), timed_s=res.timed_s[name],
+                       bytes_per_step=nbytes, gbps=gbps, frac_copy_bw=gbps / args.copy_gbps)
+            if device.type == "cuda":
+                row["peak_mem_bytes"] = persistent[name] + temporaries[name]
+                row["peak_mem_kind"] = ("cuda: memory the optimizer keeps (state, caches) plus the "
+                                        "temporaries of one step")
+            else:
+                row["peak_mem_bytes"] = _state_bytes(runner.opt)
+                row["peak_mem_kind"] = "cpu: bytes of optimizer state tensors (temporaries not measured)"
+
+        # Speedup over torch-fused, round by round; then the busy rule.
+        base = res.round_ms.get(report.BASELINE) if report.BASELINE in runners else None
+        for name in runners:
+            row = rows[name]
+            if row["ms_median"] is None:
+                continue
+            ratios = [b / m for b, m in zip(base, res.round_ms[name])] if base else []
+            if ratios:
+                row.update(speedup_vs_torch_fused=statistics.median(ratios),
+                           speedup_p20=timing.quantile(ratios, 0.2),
+                           speedup_p80=timing.quantile(ratios, 0.8), speedup_rounds=ratios)
+            why = timing.busy_reason(res.round_ms[name], ratios, others)
+            row.update(busy=bool(why), busy_reason=why)
 
         if args.profile:
-            # One step of a many-tensor for-loop is already ~10**5 trace events.
-            steps = args.profile_steps if workload.n_tensors <= 1000 else 1
-            path = os.path.join(out_dir, f"trace_{provider.name}_{workload.name}.json")
-            try:
-                row.update(profiling.profile_steps(runner.step, device, steps, path))
-            except Exception as e:  # the timing stands; say why there is no profile
-                row["reason"] = "profile failed: " + _why(e)
-        return row
+            for name, runner in runners.items():
+                row = rows[name]
+                if row["status"] != "ok":
+                    continue
+                t0 = time.perf_counter()
+                p = next(p for p in todo if p.name == name)
+                # One step of a many-tensor for-loop is already ~10**5 trace events.
+                steps = args.profile_steps if workload.n_tensors <= 1000 else 1
+                path = os.path.join(out_dir, f"trace_{name}_{workload.name}.json")
+                try:
+                    row.update(profiling.profile_steps(runner.step, device, steps, path))
+                    if p.native_module:
+                        row.update(profiling.host_cost(
+                            runner.step, p.native_module, workload.n_tensors, flusher,
+                            lambda: timing.sync(device), budget_s=args.row_seconds))
+                    else:
+                        outside = row["prof_host_outside_aten_ms_per_step"]
+                        row.update(host_method=profiling.PROFILER_METHOD, host_ms_per_step=outside,
+                                   host_us_per_tensor=outside * 1e3 / workload.n_tensors)
+                except Exception as e:  # the timing stands; say why there is no profile
+                    row["reason"] = "profile failed: " + _why(e)
+                job_s[name] += time.perf_counter() - t0
+        return list(rows.values())
     finally:
-        del runner, params, grads
+        for name, s in job_s.items():
+            rows[name]["job_s"] = s
+        runners.clear()
+        del params, grads
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -292,39 +419,41 @@ def main(argv: Optional[Sequence[str]] = None,
 
     env = environment(device, command)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = args.out or os.path.join(HERE, "results", f"{device.type}-{stamp}")
+    out_dir = args.out or default_out_dir(device.type, stamp)
     os.makedirs(out_dir, exist_ok=True)
 
     args.copy_gbps = timing.copy_bandwidth_gbps(device, COPY_NUMEL[device.type])
     flusher = timing.CacheFlusher(device, enabled=not args.no_flush)
     env.update(copy_bw_gbps=args.copy_gbps, cache_flush=not args.no_flush,
-               package_notes=notes)
+               package_notes=notes, rounds_planned=args.rounds, row_seconds=args.row_seconds)
     print(f"{env['device_name']} ({device.type}, {env['cpu_threads']} threads), "
           f"torch {env['torch_version']}, copy bandwidth {args.copy_gbps:.1f} GB/s; "
           f"{args.optimizer} {args.dtype}{' state ' + args.state_dtype if args.state_dtype else ''}; "
           f"providers: {', '.join(p.name for p in chosen)}")
+    print(f"{args.rounds} interleaved rounds per workload, about {args.row_seconds:g} s of timed "
+          f"steps per row; output in {out_dir}")
 
-    jobs = [(w, p) for w in jobs_workloads for p in chosen]
-    bar, have_tqdm = _progress(len(jobs))
+    bar, have_tqdm = _progress(len(jobs_workloads) * len(chosen))
     say = bar.write if have_tqdm else print
     rows: List[Dict[str, object]] = []
     t_start = time.perf_counter()
-    for i, (w, p) in enumerate(jobs):
+    for i, w in enumerate(jobs_workloads):
         if have_tqdm:
-            bar.set_description(f"{w.name} {p.name}")
+            bar.set_description(w.name)
         else:
-            print(f"[{i + 1}/{len(jobs)}] {w.name} {p.name}", flush=True)
-        t_job = time.perf_counter()
-        row = run_job(w, p, cfg, device, args, flusher, out_dir)
-        row["job_s"] = time.perf_counter() - t_job
-        row.update(env)
-        rows.append(row)
-        if row["status"] == "ok":
-            say(f"{w.name:>14} {p.name:<22} {row['ms_median']:9.3f} ms {row['gbps']:7.1f} GB/s")
-        else:
-            say(f"{w.name:>14} {p.name:<22} {row['status']}: {row['reason']}")
-        if have_tqdm:
-            bar.update(1)
+            print(f"[{i + 1}/{len(jobs_workloads)}] {w.name}", flush=True)
+        for row in run_workload(w, chosen, cfg, device, args, flusher, out_dir):
+            row.update(env)
+            rows.append(row)
+            name = f"{w.name:>14} {row['provider']:<22}"
+            if row["status"] == "ok":
+                say(f"{name} {row['ms_median']:9.3f} ms ({row['p20']:.3f}..{row['p80']:.3f} over "
+                    f"{row['rounds']} rounds) {row['gbps']:7.1f} GB/s"
+                    + ("  busy?" if row["busy"] else ""))
+            else:
+                say(f"{name} {row['status']}: {row['reason']}")
+            if have_tqdm:
+                bar.update(1)
     if have_tqdm:
         bar.close()
     wall = time.perf_counter() - t_start
@@ -337,8 +466,10 @@ def main(argv: Optional[Sequence[str]] = None,
         print()
         print(prof)
     report.write_json(rows, os.path.join(out_dir, "results.json"))
+    commit = env["git_commit"] or ""
+    commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
     title = (f"{args.optimizer} {args.dtype}, {env['device_name']}, torch {env['torch_version']}, "
-             f"{env['git_commit'] or ''}"[:120])
+             f"{commit}"[:100])
     pngs = report.plots(rows, out_dir, args.copy_gbps, title)
     print(f"\n{len(rows)} rows in {wall:.1f} s; wrote {os.path.join(out_dir, 'results.json')}"
           + "".join(f", {os.path.basename(p)}" for p in pngs))

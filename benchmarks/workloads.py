@@ -164,3 +164,17 @@ def make_tensors(workload: Workload, device: torch.device, dtype: torch.dtype,
         params.append(p)
         grads.append(g)
     return params, grads
+
+
+def refill_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], seed: int = 0) -> None:
+    """Refill params and grads in place with make_tensors' data for seed and
+    re-attach the grads. The providers of a workload share one set of tensors;
+    after a provider failed its check (it may have written NaN or replaced a
+    grad) the next one starts from clean data."""
+    gen = torch.Generator(device=params[0].device if params else "cpu")
+    gen.manual_seed(seed)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            fill_param_(p, gen)
+            fill_grad_(g, gen)
+            p.grad = g

@@ -1,16 +1,19 @@
-"""Smoke test of the benchmark harness (benchmarks/run.py) on CPU.
+"""Tests of the benchmark harness (benchmarks/run.py) on CPU.
 
 Runs the harness in-process on tiny workloads with the torch providers, this
-package's available backends and a deliberately wrong provider, and checks
-results.json's schema, the plots, the --profile output, and that the
-correctness check reports wrong providers as FAILED without timing them.
-Run: pytest tests/test_benchmarks.py (about 20 s on 2 cores).
+package's available backends and deliberately wrong providers, and checks
+results.json's schema, the plots, the --profile output (host cost included),
+and that the correctness check reports wrong providers as FAILED without
+timing them or disturbing the providers after them. Unit tests pin the
+interleaving order, the row time cap, the busy rule and the default output
+folder. Run: pytest tests/test_benchmarks.py (about 15 s on 2 idle cores).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -21,12 +24,15 @@ sys.path.insert(0, BENCH)
 import check  # noqa: E402
 import providers as prov  # noqa: E402
 import run  # noqa: E402
+import timing  # noqa: E402
 import workloads as wl  # noqa: E402
 
 ROW_KEYS = {
     "workload", "provider", "ms_median", "gbps", "p20", "p80", "frac_copy_bw", "dtype",
     "state_dtype", "numel", "n_tensors", "speedup_vs_torch_fused", "status", "reason",
     "bytes_per_step", "peak_mem_bytes", "peak_mem_kind", "steps_timed",
+    "rounds", "round_ms", "steps_per_round", "ms_min", "ms_max", "speedup_p20", "speedup_p80",
+    "busy", "busy_reason", "others_cpu", "row_capped", "timed_s",
     # environment, in every row
     "device", "device_name", "cpu_model", "cpu_threads", "torch_version", "cuda_version",
     "triton_version", "git_commit", "utc_time", "command", "copy_bw_gbps",
@@ -57,16 +63,34 @@ def _tail_dropping_runner(params, cfg):
     return prov.Runner(opt, step, cfg.dtype)
 
 
+def _nan_writing_runner(params, cfg):
+    """Writes NaN into every param and drops the grads: the shared tensors
+    must be refilled before the next provider's check."""
+    cls, kwargs = cfg.torch_class()
+    opt = cls(params, foreach=True, **kwargs)
+
+    def step():
+        opt.step()
+        with torch.no_grad():
+            for p in params:
+                p.fill_(float("nan"))
+                p.grad = None
+    return prov.Runner(opt, step, cfg.dtype)
+
+
 WRONG_LR = prov.Provider("wrong-lr-x2", _scaled_lr_runner(2.0))
+NAN_WRITER = prov.Provider("nan-writer", _nan_writing_runner)
 
 
 def test_harness_smoke(tmp_path):
     out = tmp_path / "out"
+    # nan-writer runs first: every provider after it must still pass.
     rows = run.main(["--device", "cpu", "--workloads", "single", "--sizes", "10,13",
-                     "--providers", "torch-forloop", "torch-foreach", "torch-fused",
-                     "fused_adamw-*", "wrong-lr-x2", "--min-steps", "5", "--profile",
-                     "--profile-steps", "2", "--out", str(out)],
-                    extra_providers=[WRONG_LR])
+                     "--providers", "nan-writer", "torch-forloop", "torch-foreach", "torch-fused",
+                     "fused_adamw-*", "wrong-lr-x2", "--rounds", "3", "--row-seconds", "0.1",
+                     "--no-flush",  # a flush costs ~0.1 s here (2 x a 480 MiB L3)
+                     "--profile", "--profile-steps", "2", "--out", str(out)],
+                    extra_providers=[WRONG_LR, NAN_WRITER])
     with open(out / "results.json") as f:
         saved = json.load(f)
     assert isinstance(saved, list) and len(saved) == len(rows)
@@ -77,13 +101,16 @@ def test_harness_smoke(tmp_path):
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["device"] == "cpu" and r["torch_version"] == torch.__version__
         assert r["dtype"] == "fp32" and r["n_tensors"] == 1
-        if r["provider"] == "wrong-lr-x2":
+        if r["provider"] in ("wrong-lr-x2", "nan-writer"):
             assert r["status"] == "FAILED" and r["reason"].startswith("param")
-            assert r["ms_median"] is None and r["gbps"] is None
+            assert r["ms_median"] is None and r["gbps"] is None and r["rounds"] is None
             continue
         assert r["status"] == "ok", (r["provider"], r["reason"])
-        assert 0 < r["p20"] <= r["ms_median"] <= r["p80"]
-        assert r["steps_timed"] >= 5
+        assert 0 < r["ms_min"] <= r["p20"] <= r["ms_median"] <= r["p80"] <= r["ms_max"]
+        assert r["rounds"] >= timing.MIN_ROUNDS and len(r["round_ms"]) == r["rounds"]
+        assert r["steps_timed"] == r["rounds"] * r["steps_per_round"]
+        assert r["speedup_p20"] <= r["speedup_vs_torch_fused"] <= r["speedup_p80"]
+        assert isinstance(r["busy"], bool) and r["busy"] == bool(r["busy_reason"])
         assert r["bytes_per_step"] == 28 * r["numel"] + 8
         assert r["gbps"] == pytest.approx(r["bytes_per_step"] / r["ms_median"] / 1e6)
         assert r["frac_copy_bw"] == pytest.approx(r["gbps"] / r["copy_bw_gbps"])
@@ -94,6 +121,13 @@ def test_harness_smoke(tmp_path):
             assert r["peak_mem_bytes"] == 8 * r["numel"] + 4
         assert r["prof_ops_per_step"] >= 0 and r["prof_host_ms_per_step"] > 0
         assert (out / r["trace"]).is_file()
+        # Host cost: time outside the native update, per tensor.
+        assert r["host_us_per_tensor"] > 0 and r["host_method"]
+        if r["provider"] == "fused_adamw-cpu":
+            # The shim around fused_adamw._cpu.*_step saw the one native call.
+            assert r["host_method"].startswith("step wall minus fused_adamw._cpu")
+            assert r["native_calls_per_step"] == 1 and r["native_ms_per_step"] > 0
+            assert r["host_steps"] >= 5
     fused = [r for r in saved if r["provider"] == "torch-fused"]
     assert all(r["speedup_vs_torch_fused"] == 1.0 for r in fused)
     # The for-loop runs a dozen aten ops per tensor; the profile must see them.
@@ -101,6 +135,101 @@ def test_harness_smoke(tmp_path):
     assert all(r["prof_ops_per_step"] >= 5 for r in forloop)
     assert (out / "gbps_single.png").stat().st_size > 0
     assert (out / "speedup.png").stat().st_size > 0
+
+
+def test_providers_are_interleaved_round_robin():
+    log = []
+    steps = {n: (lambda n=n: log.append(n)) for n in "ABC"}
+    # max_steps 8 over 4 rounds: 2 steps per provider and round.
+    res = timing.measure_interleaved(steps, torch.device("cpu"), lambda: log.append("f"),
+                                     rounds=4, row_seconds=60.0, max_steps=8, warmup=1)
+    assert res.rounds == 4 and not any(res.capped(n) for n in "ABC")
+    assert res.steps_per_round == {"A": 2, "B": 2, "C": 2}
+    seq = "".join(log)
+    assert seq[:6] == "fAfBfC"  # one warm-up step each, every step after a cache flush
+    assert seq[6:] == "fAfAfBfBfCfC" "fBfBfCfCfAfA" "fCfCfAfAfBfB" "fAfAfBfBfCfC"
+    assert res.order[:4] == [(0, "A"), (0, "B"), (0, "C"), (1, "B")]
+    assert all(len(res.round_ms[n]) == 4 and len(res.step_ms[n]) == 8 for n in "ABC")
+
+
+def test_row_time_is_capped():
+    # Budget 0.1 s per row (cap 0.15 s) over 10 planned rounds. "slow" takes
+    # 40 ms a step: one step per round, out after MIN_ROUNDS = 3 (a fourth
+    # round would pass the cap). "slower" takes 0.2 s a step, past the cap at once:
+    # one round. "fast" takes its most steps (max_steps) in all 10 rounds.
+    steps = {"slow": lambda: time.sleep(0.04), "slower": lambda: time.sleep(0.2),
+             "fast": lambda: None}
+    flush = timing.CacheFlusher(torch.device("cpu"), enabled=False)
+    t0 = time.perf_counter()
+    res = timing.measure_interleaved(steps, torch.device("cpu"), flush, rounds=10,
+                                     row_seconds=0.1, max_steps=200,
+                                     step_hint_s={"slower": 0.2})
+    assert time.perf_counter() - t0 < 1.5
+    assert res.warmup_s["slower"] < 0.05  # the hint said slow: no warm-up step
+    assert res.steps_per_round["slow"] == 1 and res.steps_per_round["slower"] == 1
+    assert len(res.round_ms["slow"]) == timing.MIN_ROUNDS and res.capped("slow")
+    assert len(res.round_ms["slower"]) == 1 and res.capped("slower")
+    assert len(res.round_ms["fast"]) == 10 and not res.capped("fast")
+    assert res.steps_per_round["fast"] == 200 // 10  # max_steps over the rounds
+    for n in steps:
+        assert res.timed_s[n] < timing.CAP_SLACK * 0.1 + 0.21
+    # Rounds after the slow providers left still alternate among the rest.
+    assert [n for r, n in res.order if r == 9] == ["fast"]
+    assert timing.steps_per_round(0.001, 1.0, 5, 40) == 8
+    assert timing.steps_per_round(10.0, 1.0, 5, 40) == 1
+    assert timing.takes_part(5.0, 0, 1.0) and not timing.takes_part(1.1, 1, 1.0)
+    assert timing.takes_part(0.9, 2, 1.0) and not timing.takes_part(0.9, 3, 1.0)
+
+
+def test_provider_that_raises_while_timed_is_dropped():
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("out of memory")
+
+    flush = timing.CacheFlusher(torch.device("cpu"), enabled=False)
+    res = timing.measure_interleaved({"ok": lambda: None, "flaky": flaky}, torch.device("cpu"),
+                                     flush, rounds=5, row_seconds=0.01, max_steps=5, warmup=1)
+    assert isinstance(res.errors["flaky"], RuntimeError)
+    assert len(res.round_ms["flaky"]) == 2 and len(res.round_ms["ok"]) == 5
+
+
+def test_busy_rule():
+    quiet = [1.00, 1.03, 0.98, 1.01, 1.02]
+    assert timing.busy_reason(quiet, [1.05, 1.04, 1.06, 1.05, 1.07], 0.02) == ""
+    # Of five rounds, one twice as slow is noise; one 20x as slow (the
+    # loaded-machine symptom) or two 2x as slow flag the row.
+    assert timing.busy_reason([1.0, 1.0, 1.0, 1.0, 2.0]) == ""
+    assert "ms p80/p20 over rounds 4.80" in timing.busy_reason([1.0, 1.0, 1.0, 1.0, 20.0])
+    assert "ms p80/p20" in timing.busy_reason([1.0, 1.0, 1.0, 2.0, 2.0])
+    # The speedup's spread alone (the baseline was the one disturbed).
+    assert "speedup p80/p20" in timing.busy_reason(quiet, [1.05, 1.1, 16.0, 24.0, 1.0])
+    # A steady neighbour leaves no spread but shows in the CPU accounting.
+    assert "other processes" in timing.busy_reason(quiet, [], timing.BUSY_OTHERS_CPU + 0.5)
+    assert timing.busy_reason(quiet, [], None) == ""
+    assert "only 1 round" in timing.busy_reason([1.0])
+    assert timing.spread([2.0]) is None
+    assert timing.spread([1.0, 2.0]) == pytest.approx(1.8 / 1.2)
+    assert timing.round_order(["A", "B", "C"], 4) == ["B", "C", "A"]
+
+
+def test_load_meter_reads_this_machine():
+    meter = timing.LoadMeter()
+    meter.start()
+    time.sleep(0.2)
+    others = meter.stop()
+    if os.path.exists("/proc/stat"):
+        assert others is not None and 0 <= others <= os.cpu_count()
+
+
+def test_default_output_is_outside_the_source_tree():
+    out = os.path.realpath(run.default_out_dir("cpu", "20250101T000000Z"))
+    repo = os.path.realpath(os.path.dirname(BENCH))
+    assert not (out + os.sep).startswith(repo + os.sep)
+    assert os.path.basename(out) == "fused_adamw-bench-cpu-20250101T000000Z"
+    assert run.parse_args(["--device", "cpu"]).out is None
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
