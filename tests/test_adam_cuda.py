@@ -357,7 +357,8 @@ def test_many_tensors_one_launch_and_cached_tables():
         reference.adam_step(ref, flat_g, st, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
                             decoupled=True)
     torch.cuda.synchronize()
-    ws = cache[backend_cuda._WORKSPACE_KEY]
+    batch = cache["adam"][1]  # the batch tests/batch_calls.py keeps, as the plan does
+    ws = batch.resources[backend_cuda._WORKSPACE_KEY]
     assert ws.uploads == 1
     np.testing.assert_allclose(_np(torch.cat(params)), ref, **TRAJECTORY[torch.float32].kw)
     assert all(float(s) == 3.0 for s in steps)

@@ -83,12 +83,15 @@ def test_device_count_is_a_count():
 def test_hyper_structs_round_trip():
     h = AdamHyper(lr=0.1, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.3, decay_coeff=3.0,
                   decoupled=False, amsgrad=True, maximize=True)
-    c = _native.to_cpp_adam(_cuda, h)
+    from dataclasses import fields
+    assert _cuda.AdamHyper.FIELDS == tuple(f.name for f in fields(AdamHyper))
+    assert _cuda.SgdHyper.FIELDS == tuple(f.name for f in fields(SgdHyper))
+    c = _native.to_cpp(_cuda, h)
     assert isinstance(c, _cuda.AdamHyper)
     assert (c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decay_coeff, c.decoupled, c.amsgrad, c.maximize) == (
         0.1, 0.8, 0.95, 1e-6, 0.3, 3.0, False, True, True)
-    s = _native.to_cpp_sgd(_cuda, SgdHyper(lr=0.2, momentum=0.9, dampening=0.1, weight_decay=0.01,
-                                           decay_coeff=0.05, decoupled=True, nesterov=True, maximize=True))
+    s = _native.to_cpp(_cuda, SgdHyper(lr=0.2, momentum=0.9, dampening=0.1, weight_decay=0.01,
+                                       decay_coeff=0.05, decoupled=True, nesterov=True, maximize=True))
     assert (s.lr, s.momentum, s.dampening, s.weight_decay, s.decay_coeff, s.decoupled, s.nesterov, s.maximize) == (
         0.2, 0.9, 0.1, 0.01, 0.05, True, True, True)
     s.lr = 0.5

@@ -5,7 +5,7 @@ lists of one (device, dtype) bucket and make one native call, which is one
 kernel launch for all of them (csrc/cuda/multi_tensor.cuh explains the chunk
 table, the device-resident metadata and the step increment). The call runs on
 torch.cuda.current_stream(device) and makes no host sync, so with
-capturable=True (lr_tensor on the device) a step can be captured in a CUDA
+capturable=True (hyper.lr a tensor on the device) a step can be captured in a CUDA
 graph.
 
 The plan (plan.py) owns the address table; this backend keeps a
