@@ -306,11 +306,6 @@ class _FusedOptimizer(Optimizer):
                 "than weight_decay (a scheduler such as OneCycleLR sets initial_lr below its peak); name the "
                 "lr at which eta_t = 1 with decay_base_lr=...", DecayScheduleWarning, stacklevel=4)
 
-    @torch.no_grad()
-    def _step_groups(self, grad_scale, found_inf) -> None:
-        for group in self.param_groups:
-            self._step_group(group, grad_scale, found_inf)
-
     def step(self, closure: Optional[Callable[[], float]] = None):
         """One step for every param group; GradScaler's grad_scale / found_inf
         attributes, when set, are applied inside the fused call."""
@@ -319,19 +314,11 @@ class _FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if any(g.get("differentiable") for g in self.param_groups):
-            # torch.optim keeps autograd on for differentiable steps; the
-            # plan sends those groups to torch's functional code.
-            with torch.set_grad_enabled(True):
-                for group in self.param_groups:
-                    if group.get("differentiable"):
-                        self._step_group(group, grad_scale, found_inf)
-            with torch.no_grad():
-                for group in self.param_groups:
-                    if not group.get("differentiable"):
-                        self._step_group(group, grad_scale, found_inf)
-        else:
-            self._step_groups(grad_scale, found_inf)
+        for group in self.param_groups:
+            # Autograd stays on for a differentiable group (torch.optim's
+            # rule), whose plan sends it to torch's functional code.
+            with torch.set_grad_enabled(bool(group.get("differentiable"))):
+                self._step_group(group, grad_scale, found_inf)
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale, found_inf) -> None:

@@ -381,7 +381,7 @@ class GroupPlan:
         self._guard: Optional[_MetadataGuard] = None
         self._buckets: list[_Bucket] = []
         self._cplx = False
-        self._first: list = []   # (state dict, position, bucket) of SGD buffers made by this build
+        self._first: list = []   # the state dicts that got an SGD buffer from this build
 
     def _static_key(self, opt, group, has: list) -> tuple:
         return (has, id(opt.state), opt.state.version, group["backend"], group["state_dtype"],
@@ -546,7 +546,7 @@ class GroupPlan:
                     st = opt.state[u]
                     st["momentum_buffer"] = s
                     first[j] = True
-                    self._first.append((st, j, len(self._first)))
+                    self._first.append(st)
                 s = _real(s)
                 _check_state(i, name, s, params[j], sd)
                 col.append(s)
@@ -598,7 +598,7 @@ class GroupPlan:
         step starts the buffer from its own gradient, as torch does)."""
         if found_inf is None or float(found_inf) == 0.0:
             return False
-        for st, _, _ in self._first:
+        for st in self._first:
             st.pop("momentum_buffer", None)
         self._static = None  # the buffers are gone: rebuild next step
         self._first = []
