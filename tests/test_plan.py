@@ -22,6 +22,17 @@ from tolerances import SAME_MATH, TRAJECTORY
 BACKENDS = ["cpu", "torch"]
 
 
+@pytest.fixture(autouse=True, params=["c++", "python"])
+def host_path(request, monkeypatch):
+    """Every test runs with the plan's per-step check in C++ (fused_adamw._host,
+    where it was built) and in Python."""
+    if request.param == "c++" and plan._HOST is None:
+        pytest.skip("fused_adamw._host was not built (pip install --no-build-isolation builds it)")
+    if request.param == "python":
+        monkeypatch.setattr(plan, "_HOST", None)
+    return request.param
+
+
 def _pair(shapes, cls=fa.AdamW, tcls=torch.optim.AdamW, dtype=torch.float64, seed=0, backend="cpu", **kw):
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
@@ -79,6 +90,20 @@ def test_param_reassigned_to_a_smaller_view_is_refused(backend):
     ours[0].data = ours[0].data[:10]   # same address, fewer elements
     ours[0].grad = torch.randn(10, dtype=torch.float64)
     with pytest.raises(ValueError, match="has shape"):
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_reassigned_to_a_smaller_view_with_its_old_grad_is_refused(backend):
+    """The grad kept from before still has the old shape: torch raises on the
+    mismatch, and so do we (the kernel would update all 64 elements)."""
+    ours, opt, theirs, topt = _pair([(64,)], backend=backend)
+    _steps(ours, opt, theirs, topt, 1)
+    ours[0].data = ours[0].data[:10]
+    theirs[0].data = theirs[0].data[:10]
+    with pytest.raises(RuntimeError):
+        topt.step()
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(64,\) but its param has \(10,\)"):
         opt.step()
 
 
@@ -232,6 +257,25 @@ def test_grad_in_another_layout_is_paired_by_index(backend):
     _assert_same(ours, theirs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_layout_changing_mid_run_is_paired_by_index(backend):
+    """Grads in the param's layout for some steps, then contiguous ones: the
+    plan sees the new strides (not only the new address) and pairs by index."""
+    shape = (2, 3, 4, 5)
+    ours, opt, theirs, topt = _pair([shape, (7,)], backend=backend)
+    for t in (ours[0], theirs[0]):
+        t.data = t.data.to(memory_format=torch.channels_last)
+    for k in range(5):
+        gen = torch.Generator().manual_seed(k)
+        g, h = torch.randn(shape, dtype=torch.float64, generator=gen), torch.randn(7, dtype=torch.float64, generator=gen)
+        g = g.contiguous(memory_format=torch.channels_last) if k < 2 else g.contiguous()
+        ours[0].grad, theirs[0].grad = g.clone(memory_format=torch.preserve_format), g.clone()
+        ours[1].grad, theirs[1].grad = h.clone(), h.clone()
+        opt.step()
+        topt.step()
+    _assert_same(ours, theirs)
+
+
 # ---------------------------------------------------------------- what kernels cannot serve
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -367,3 +411,62 @@ def test_the_plan_holds_no_grads_between_steps(backend):
     opt.zero_grad(set_to_none=True)
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def _plan_of(opt, k=0):
+    return opt._plans[id(opt.param_groups[k])][1]
+
+
+def test_steady_steps_take_the_host_path(host_path):
+    """Steady steps of plain params on a kernel backend are checked by the C++
+    pass (where it was built); a change it reports goes to the Python path,
+    which rebuilds and hands back to C++."""
+    ours, opt, theirs, topt = _pair([(64,), (8, 8), (3,)])
+    _steps(ours, opt, theirs, topt, 3)
+    pl = _plan_of(opt)
+    assert (pl._host is not None and pl._host_used) == (host_path == "c++")
+    assert pl.rebuilds == 1
+    ours[1].grad = None            # the grad set changes: a rebuild
+    theirs[1].grad = None
+    opt.step()
+    topt.step()
+    assert pl.rebuilds == 2
+    _steps(ours, opt, theirs, topt, 2, seed=10)
+    assert pl.rebuilds == 3        # and back
+    assert (pl._host is not None and pl._host_used) == (host_path == "c++")
+    _assert_same(ours, theirs)
+
+
+def test_host_path_follows_new_grad_addresses_and_moved_params(host_path):
+    ours, opt, theirs, topt = _pair([(32,), (4, 4)])
+    _steps(ours, opt, theirs, topt, 2)
+    pl = _plan_of(opt)
+    table = pl._buckets[0].batch._array
+    for a, b in zip(ours, theirs):  # grads at new addresses, as after zero_grad(set_to_none=True)
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    opt.step()
+    topt.step()
+    assert [int(x) for x in table[:, 2]] == [a.grad.data_ptr() for a in ours]
+    new = torch.randn(32, dtype=torch.float64)   # same shape, new storage
+    ours[0].data = new.clone()
+    theirs[0].data = new.clone()
+    _steps(ours, opt, theirs, topt, 2, seed=5)
+    assert pl.rebuilds == 1
+    assert int(table[0, 1]) == ours[0].data_ptr()
+    _assert_same(ours, theirs)
+
+
+def test_host_path_declines_what_it_cannot_check():
+    """Complex params, and grads in another layout, stay on the Python path."""
+    p = [torch.randn(4, 4, dtype=torch.complex64, requires_grad=True), torch.randn(8, requires_grad=True)]
+    opt = fa.AdamW(p, backend="cpu")
+    for t in p:
+        t.grad = torch.randn_like(t)
+    opt.step()
+    assert _plan_of(opt)._host is None
+    q = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+    opt2 = fa.AdamW([q], backend="cpu")
+    q.grad = torch.randn(2, 3, 4, 4)   # contiguous: copied into the param's layout
+    opt2.step()
+    assert _plan_of(opt2)._host is None

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import fused_adamw as fa
+from fused_adamw import plan
 from tolerances import TRAJECTORY
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -55,8 +56,13 @@ class _Machine(RuleBasedStateMachine):
     backends = ("cpu", "torch")
 
     @initialize(kind=st.sampled_from(sorted(OPTIMIZERS)), seed=st.integers(0, 2**16),
-                backend=st.sampled_from(["cpu", "torch"]))
-    def start(self, kind, seed, backend):
+                backend=st.sampled_from(["cpu", "torch"]), host=st.booleans())
+    def start(self, kind, seed, backend, host):
+        # host: the plan's per-step check in C++ (fused_adamw._host, where
+        # built) or in Python (plan.py).
+        self._saved_host = plan._HOST
+        if not host:
+            plan._HOST = None
         if "triton" in self.backends:
             if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
                 pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
@@ -71,6 +77,10 @@ class _Machine(RuleBasedStateMachine):
         self.topt = self.tcls(self.theirs, **kw)
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=0.9)
         self.tsched = torch.optim.lr_scheduler.ExponentialLR(self.topt, gamma=0.9)
+
+    def teardown(self):
+        if hasattr(self, "_saved_host"):
+            plan._HOST = self._saved_host
 
     # ------------------------------------------------------------ helpers
     def _both(self, fn, torch_may_skip=False):

@@ -26,11 +26,20 @@ change it and how cheaply each part is read:
     state_dtype, amsgrad, whether momentum is on). Any change rebuilds and
     revalidates everything.
   * user-held tensors (params, grads), read every step: their metadata
-    (sizes, strides, dtype, device) through one C++ tensor guard, and their
-    addresses. A metadata change (`p.data = bigger`, a grad in another
-    layout) rebuilds and revalidates; an address change alone (`p.data =`
-    a tensor of the same shape, a new grad from backward) rewrites that
-    table column.
+    (sizes, strides, dtype, device) and their addresses. A metadata change
+    (`p.data = bigger`, a grad in another layout) rebuilds and revalidates;
+    an address change alone (a new grad from backward) rewrites that table
+    column; a param at a new address (`p.data =` a tensor of the same shape)
+    rewrites its column too.
+
+    Two paths read them, with the same rules: fused_adamw._host
+    (csrc/host/host_module.cpp), one C++ pass over the tensors' C++ objects,
+    where it was built against this torch and the plan is plain (kernel
+    buckets, tensors that are not subclasses or complex, grads in their
+    params' layout); else Python (torch's C++ tensor guard, then the
+    addresses). Whatever the C++ pass does not accept, it hands to the
+    Python path, which rebuilds what changed. FUSED_ADAMW_HOST_PATH=python
+    forces the Python path; `host_path()` says which is in use.
   * optimizer-held state tensors: validated at each rebuild and then held
     by the plan through aliases (detached views that share their storage), so
     even `state["exp_avg"].data = other` cannot free or shrink the memory the
@@ -44,6 +53,7 @@ grads (a mixture of experts, a frozen branch) rebuilds the tables, not them.
 from __future__ import annotations
 
 import operator
+import os
 from itertools import repeat
 from typing import Any, Optional, Sequence
 
@@ -63,6 +73,30 @@ _LABELS = {(name, algo): f"fused_adamw::{name}::{algo}_step"
 # Which state entries the kernels read, per algorithm, in table order.
 ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SGD_STATE = ("momentum_buffer",)
+
+
+# ---------------------------------------------------------------- the C++ per-step path
+
+def _load_host():
+    """fused_adamw._host (csrc/host/host_module.cpp) where it was built
+    against this torch and FUSED_ADAMW_HOST_PATH is not "python"; else None
+    and the plan does the same per-step work in Python."""
+    if os.environ.get("FUSED_ADAMW_HOST_PATH", "").lower() == "python":
+        return None
+    try:
+        from . import _host
+    except ImportError:
+        return None
+    return _host if _host.torch_version() == torch.__version__ else None
+
+
+_HOST = _load_host()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def host_path() -> str:
+    """Which code does a plan's per-step check: "c++" (fused_adamw._host) or "python"."""
+    return "c++" if _HOST is not None else "python"
 
 
 # ---------------------------------------------------------------- metadata guard
@@ -382,9 +416,15 @@ class GroupPlan:
         self._buckets: list[_Bucket] = []
         self._cplx = False
         self._first: list = []   # the state dicts that got an SGD buffer from this build
+        self._host = None        # the C++ per-step path (_host.Refresher), where it serves this plan
+        self._host_used = False  # it has refreshed at least once since it was made
+        self._rest = None        # the static key without `has` (the C++ path checks that)
 
     def _static_key(self, opt, group, has: list) -> tuple:
-        return (has, id(opt.state), opt.state.version, group["backend"], group["state_dtype"],
+        return (has, *self._rest_key(opt, group))
+
+    def _rest_key(self, opt, group) -> tuple:
+        return (id(opt.state), opt.state.version, group["backend"], group["state_dtype"],
                 self._state_names(group), bool(group.get("differentiable")))
 
     def _state_names(self, group) -> tuple:
@@ -395,17 +435,9 @@ class GroupPlan:
     # ------------------------------------------------------------ step
     def step(self, opt, group: dict, hyper, grad_scale=None, found_inf=None) -> None:
         params = group["params"]
-        grads = list(map(_GRAD, params))
-        has = list(map(operator.is_not, grads, repeat(None)))
-        if not any(has):
-            return
-        static = self._static_key(opt, group, has)
-        user_grads = grads if all(has) else [g for g in grads if g is not None]
-        if (static != self._static or len(params) != len(self._params)
-                or not all(map(operator.is_, params, self._params))
-                or not self._guard.check(self._users + user_grads)
-                or not self._refresh(user_grads)):
-            self._build(opt, group, params, grads, has)
+        if self._host is None or not self._host_step(opt, group, params):
+            if not self._python_step(opt, group, params):
+                return
         if self._first and self._skip_first(opt, found_inf):
             return
         for b in self._buckets:
@@ -422,6 +454,45 @@ class GroupPlan:
         # backward, as with torch.optim.
         for b in self._buckets:
             b.batch.grads = None
+
+    def _host_step(self, opt, group, params) -> bool:
+        """The per-step check and grad-address refresh in C++ (_host): True
+        when everything the plan validated still holds and the tables are up
+        to date; False sends the step to the Python path, which rebuilds
+        what changed (and remakes this, see _make_host)."""
+        if self._rest_key(opt, group) != self._rest or type(params) is not list:
+            return False
+        changed = self._host.refresh(params)
+        if changed < 0:
+            for b in self._buckets:
+                b.batch._grad_ptrs = None  # the C++ pass may have written some cells
+            if not self._host_used:
+                self._host = None          # it fails where it was just made: not for this plan
+            return False
+        self._host_used = True
+        if changed:
+            for k, b in enumerate(self._buckets):
+                if changed >> k & 1:
+                    b.batch._grad_ptrs = None
+                    b.batch.version += 1
+        return True
+
+    def _python_step(self, opt, group, params) -> bool:
+        """The per-step check in Python: False when no param has a grad."""
+        grads = list(map(_GRAD, params))
+        has = list(map(operator.is_not, grads, repeat(None)))
+        if not any(has):
+            return False
+        static = self._static_key(opt, group, has)
+        user_grads = grads if all(has) else [g for g in grads if g is not None]
+        if (static != self._static or len(params) != len(self._params)
+                or not all(map(operator.is_, params, self._params))
+                or not self._guard.check(self._users + user_grads)
+                or not self._refresh(user_grads)):
+            self._build(opt, group, params, grads, has)
+        elif self._host is not None or self._host_used:
+            self._make_host(params, has)  # addresses moved: the C++ path follows from here
+        return True
 
     def _refresh(self, user_grads: list) -> bool:
         """Metadata as at the build: bring addresses up to date. False where
@@ -449,7 +520,7 @@ class GroupPlan:
         """Gather, validate, bucket and make the batches from scratch; raise
         on anything the kernels cannot take. The previous plan is dropped
         first, so a failed build leaves nothing stale behind."""
-        self._static = None
+        self._static = self._rest = self._host = None
         self._buckets = []
         self._first = []
         self.rebuilds += 1
@@ -501,6 +572,31 @@ class GroupPlan:
         # Read last: this build's own state assignments (new Adam state, SGD
         # buffers) must not count as a change at the next step.
         self._static = self._static_key(opt, group, has)
+        self._rest = self._static[1:]
+        self._make_host(params, has)
+
+    def _make_host(self, params, has) -> None:
+        """The C++ per-step path for this build, where it can serve it: every
+        bucket a kernel bucket with an address table, plain tensors (no
+        subclass, not complex), grads in their params' layout. It checks what
+        the Python path checks (params by identity, which have grads, the
+        metadata and addresses of params and grads) and writes the grad
+        column; anything else it reports, and the Python path takes over."""
+        self._host, self._host_used = None, False
+        if (_HOST is None or self._cplx or not self._buckets or type(params) is not list
+                or len(self._buckets) > 62
+                or any(b.batch._array is None or b.copy_grads for b in self._buckets)
+                or any(type(p) not in _PLAIN for p in params)):
+            return
+        cells = [None] * len(self._users)
+        for k, b in enumerate(self._buckets):
+            for row, i in enumerate(b.index):
+                cells[i] = (k, row)
+        try:
+            self._host = _HOST.Refresher(list(params), list(has), cells, [b.batch._array for b in self._buckets],
+                                         _native.GRAD_COLUMN)
+        except (TypeError, ValueError):
+            self._host = None
 
     @staticmethod
     def _kernel_ok(p, g, st, names) -> bool:
@@ -600,7 +696,7 @@ class GroupPlan:
             return False
         for st in self._first:
             st.pop("momentum_buffer", None)
-        self._static = None  # the buffers are gone: rebuild next step
+        self._static = self._rest = None  # the buffers are gone: rebuild next step
         self._first = []
         return True
 
