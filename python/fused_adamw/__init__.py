@@ -9,7 +9,9 @@ available_backends(device). The float64 oracle is fused_adamw.reference.
 """
 from .dispatch import BackendUnavailableError, available_backends, backend_errors
 from .optim import SGD, SGDW, Adam, AdamW, CapturableDeviceError, DecayScheduleWarning
+from .param_groups import normalized_weight_decay, weight_decay_groups
 
 __version__ = "0.1.0"
 __all__ = ["AdamW", "Adam", "SGDW", "SGD", "available_backends", "backend_errors", "BackendUnavailableError",
-           "DecayScheduleWarning", "CapturableDeviceError"]
+           "DecayScheduleWarning", "CapturableDeviceError",
+           "weight_decay_groups", "normalized_weight_decay"]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.optim import Optimizer
 
-from . import dispatch
+from . import dispatch, ops
 from .hyper import AdamHyper, SgdHyper
 from .plan import GroupPlan
 
@@ -40,6 +40,8 @@ DECAY_SCALINGS = ("lr", "schedule")
 # Group keys this package adds to torch's; carried over from the optimizer's own
 # configuration when a state dict that lacks them (one saved by torch.optim) is loaded.
 _OWN_KEYS = ("decay_scaling", "state_dtype", "backend", "decay_base_lr", "first_lr", "decoupled_weight_decay")
+# Their values at which this package behaves as torch.optim (state_dict leaves them out).
+_TORCH_VALUES = {"decay_scaling": "lr", "state_dtype": None, "decay_base_lr": None}
 
 
 class DecayScheduleWarning(UserWarning):
@@ -217,9 +219,34 @@ class _FusedOptimizer(Optimizer):
         self.state = self.__dict__.get("state", {})
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict. Of the group keys this package adds, only those
+        that make this optimizer behave otherwise than its torch.optim twin
+        are in it, so a dict of an optimizer configured as torch's has exactly
+        torch's keys: torch.distributed.checkpoint's default load planner
+        refuses a checkpoint that lacks a key of the dict it loads into, so
+        that is what lets a DCP checkpoint move both ways between this package
+        and torch.optim. `backend` is never saved (load keeps this process's);
+        `first_lr` only with decay_scaling="schedule", where it is eta_t's
+        reference. Loading a dict without one of them keeps this optimizer's
+        value (load_state_dict)."""
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        sd["param_groups"] = [{k: v for k, v in g.items() if not self._like_torch(g, k, v)}
+                              for g in sd["param_groups"]]
         return sd
+
+    def _like_torch(self, group: dict[str, Any], key: str, value: Any) -> bool:
+        """Whether group key `key` (one this package adds) is at the value
+        that behaves as torch.optim does, or says nothing about training."""
+        if key == "backend":
+            return True
+        if key == "first_lr":
+            return group.get("decay_scaling") != "schedule"
+        if key in _TORCH_VALUES:
+            return value == _TORCH_VALUES[key]
+        if key == "decoupled_weight_decay":  # torch.optim.SGD has no such key
+            return self.ALGO == "sgd" and not value
+        return False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, then this package's conventions.
@@ -291,20 +318,26 @@ class _FusedOptimizer(Optimizer):
 
     def _warn_schedule(self, group: dict[str, Any], eta: float, wd: float) -> None:
         """Once per optimizer and kind: the two settings that are almost
-        certainly a mistake with the paper's convention."""
+        certainly a mistake with the paper's convention. Under torch.compile
+        the conditions are traced and the warning, when one is due, is
+        emitted untraced (a graph break on that step only)."""
+        if (eta * wd >= 0.01 and "strong" not in self._warned) or (eta > 1.5 and "eta" not in self._warned):
+            _emit_schedule_warnings(self, eta, wd)
+
+    def _emit_schedule_warnings(self, eta: float, wd: float) -> None:
         if eta * wd >= 0.01 and "strong" not in self._warned:
             self._warned.add("strong")
             warnings.warn(
                 f"decay_scaling='schedule' shrinks the weights by eta_t * weight_decay = {eta * wd:.3g} per step "
                 f"(weight_decay={wd} is the paper's lambda, not torch's coefficient, which is multiplied by lr): "
                 "for torch's decay at base lr alpha use weight_decay = alpha * torch_weight_decay "
-                "(README.md, 'Decay conventions')", DecayScheduleWarning, stacklevel=4)
+                "(README.md, 'Decay conventions')", DecayScheduleWarning, stacklevel=6)
         if eta > 1.5 and "eta" not in self._warned:
             self._warned.add("eta")
             warnings.warn(
                 f"decay_scaling='schedule': eta_t = lr / decay_base_lr = {eta:.3g} > 1, so the decay is stronger "
                 "than weight_decay (a scheduler such as OneCycleLR sets initial_lr below its peak); name the "
-                "lr at which eta_t = 1 with decay_base_lr=...", DecayScheduleWarning, stacklevel=4)
+                "lr at which eta_t = 1 with decay_base_lr=...", DecayScheduleWarning, stacklevel=6)
 
     def step(self, closure: Optional[Callable[[], float]] = None):
         """One step for every param group; GradScaler's grad_scale / found_inf
@@ -314,11 +347,17 @@ class _FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            # Autograd stays on for a differentiable group (torch.optim's
-            # rule), whose plan sends it to torch's functional code.
-            with torch.set_grad_enabled(bool(group.get("differentiable"))):
-                self._step_group(group, grad_scale, found_inf)
+        if torch.compiler.is_compiling():
+            # Under torch.compile, Dynamo traces this branch: one custom op
+            # per group (ops.py), no plan (its address tables cannot be traced).
+            # Groups the ops do not take run the eager step after the loop:
+            # one graph break at its end (a break inside a loop would make
+            # Dynamo run the whole step() frame untraced).
+            rest = [g for g in self.param_groups if not self._compiled_step_group(g, grad_scale, found_inf)]
+            if rest:
+                _eager_step(self, grad_scale, found_inf, rest)
+        else:
+            _eager_step(self, grad_scale, found_inf)
         return loss
 
     def _step_group(self, group: dict[str, Any], grad_scale, found_inf) -> None:
@@ -335,6 +374,94 @@ class _FusedOptimizer(Optimizer):
 
     def _hyper(self, group: dict[str, Any]):
         raise NotImplementedError
+
+    # ------------------------------------------------------------ under torch.compile
+    def _compiled_step_group(self, group: dict[str, Any], grad_scale, found_inf) -> bool:
+        """The step of one group as Dynamo traces it: gather the params with
+        grads and their state (made here on a first step), then one call of
+        the group's custom op (ops.py), which validates and runs the same
+        backends as the eager step. A tensor lr goes to the op as a tensor
+        (a graph input: a scheduler changing it recompiles nothing; a float
+        lr is a constant Dynamo guards on). What the op does not take (a
+        differentiable group, complex, sparse, strided-view or DTensor
+        params, grads in another layout) is left to the eager step, which
+        Dynamo does not trace: False for such a group."""
+        if not self._compilable(group):
+            return False
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return True
+        lr_tensor = group["lr"] if isinstance(group["lr"], torch.Tensor) else None
+        # The hyperparameters but a tensor lr, read without reading it (an
+        # .item() would break the graph); the op takes the tensor.
+        view = group if lr_tensor is None else dict(group, lr=0.0)
+        self._check_hyper(view)
+        hyper = self._hyper(view)
+        state = self.state
+        with torch.no_grad():
+            if self.ALGO == "adam":
+                names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                for p in params:
+                    st = state[p]
+                    if len(st) == 0:
+                        self._init_state(p, group, st)
+                    if hyper.amsgrad and "max_exp_avg_sq" not in st:
+                        st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])
+                sts = [state[p] for p in params]
+                cols = [[st[n] for st in sts] if n != "max_exp_avg_sq" or hyper.amsgrad else [] for n in names]
+                ops.adam_(params, [p.grad for p in params], cols[0], cols[1], cols[2], [st["step"] for st in sts],
+                          hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, hyper.decay_coeff,
+                          hyper.decoupled, hyper.amsgrad, hyper.maximize, group["backend"], grad_scale, found_inf,
+                          lr_tensor)
+            else:
+                bufs, first = [], []
+                if hyper.momentum != 0.0:
+                    sd = group["state_dtype"]
+                    for p in params:
+                        st = state[p]
+                        buf = st.get("momentum_buffer")
+                        first.append(buf is None)
+                        if buf is None:
+                            buf = st["momentum_buffer"] = torch.zeros_like(p, dtype=sd)
+                        bufs.append(buf)
+                ops.sgd_(params, [p.grad for p in params], bufs, first, hyper.lr, hyper.momentum, hyper.dampening,
+                         hyper.weight_decay, hyper.decay_coeff, hyper.decoupled, hyper.nesterov, hyper.maximize,
+                         group["backend"], grad_scale, found_inf, lr_tensor)
+        return True
+
+    @staticmethod
+    def _compilable(group: dict[str, Any]) -> bool:
+        """Whether the custom ops take this group (Dynamo evaluates it while
+        tracing and guards on what it read)."""
+        if group.get("differentiable"):
+            return False
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if (type(p) not in (torch.Tensor, torch.nn.Parameter) or p.is_complex() or g.layout != torch.strided
+                    or not p.is_contiguous() or not g.is_contiguous()):
+                return False
+        return True
+
+
+@torch._disable_dynamo
+def _emit_schedule_warnings(opt, eta: float, wd: float) -> None:
+    opt._emit_schedule_warnings(eta, wd)
+
+
+@torch._disable_dynamo
+def _eager_step(opt, grad_scale, found_inf, groups=None) -> None:
+    """The eager step: each group's plan (of `groups`, default all). Never
+    traced: where Dynamo runs a step() frame without tracing it (after a
+    graph break in a compiled caller), the plan's frames are not handed to
+    Dynamo one by one; a compiled step calls it for the groups the custom
+    ops do not take (a graph break)."""
+    for group in (opt.param_groups if groups is None else groups):
+        # Autograd stays on for a differentiable group (torch.optim's
+        # rule), whose plan sends it to torch's functional code.
+        with torch.set_grad_enabled(bool(group.get("differentiable"))):
+            opt._step_group(group, grad_scale, found_inf)
 
 
 # torch.optim's capturable devices (torch.optim.optimizer._get_capturable_supported_devices).

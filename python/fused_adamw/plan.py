@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 from itertools import repeat
 from typing import Any, Optional, Sequence
 
@@ -379,6 +380,42 @@ def _real(t):
     return torch.view_as_real(t) if isinstance(t, torch.Tensor) and t.is_complex() else t
 
 
+def _is_dtensor(t) -> bool:
+    """FSDP2's sharded params, and their grads and state, are DTensors. Read
+    without importing torch.distributed.tensor (half a second): where it was
+    never imported, no DTensor exists."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local(t):
+    """A DTensor's local shard (the tensor that holds this rank's elements;
+    a DTensor's own data_ptr() is 0), anything else as it is. The update is
+    elementwise, so updating every local shard is the step, whatever the
+    mesh or placement (FSDP2's Shard(0), uneven and empty shards included);
+    torch.optim's foreach and fused steps do the same."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _check_dtensor_pairing(i: int, p, g, st, names) -> None:
+    """A DTensor param needs a DTensor grad and DTensor state on its own mesh
+    and placements, and a plain param plain ones: their local shards are what
+    the kernels pair element by element."""
+    tensors = [("grads", g)] + [(f"state {n!r} of params", st.get(n)) for n in names if st is not None]
+    for what, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if _is_dtensor(p) != _is_dtensor(t):
+            kind = lambda x: "a DTensor" if _is_dtensor(x) else "a plain tensor"  # noqa: E731
+            raise ValueError(f"{what}[{i}] is {kind(t)} but params[{i}] is {kind(p)}; under FSDP2 the grads "
+                             "and optimizer state of a sharded param are DTensors like it (load a state dict "
+                             "made for these params, e.g. with torch.distributed.checkpoint.state_dict."
+                             "set_optimizer_state_dict)")
+        if _is_dtensor(p) and (t.device_mesh != p.device_mesh or t.placements != p.placements):
+            raise ValueError(f"{what}[{i}] is a DTensor on {t.device_mesh} with placements {t.placements}, its "
+                             f"param on {p.device_mesh} with {p.placements}; their local shards must match")
+
+
 # ---------------------------------------------------------------- the plan
 
 class _Bucket:
@@ -416,6 +453,8 @@ class GroupPlan:
         self._buckets: list[_Bucket] = []
         self._cplx = False
         self._first: list = []   # the state dicts that got an SGD buffer from this build
+        self._kusers: list = []  # self._users as the kernels see them: DTensors' local shards
+        self._dtensor = False    # whether the group has DTensor params (FSDP2)
         self._host = None        # the C++ per-step path (_host.Refresher), where it serves this plan
         self._host_used = False  # it has refreshed at least once since it was made
         self._rest = None        # the static key without `has` (the C++ path checks that)
@@ -485,26 +524,36 @@ class GroupPlan:
             return False
         static = self._static_key(opt, group, has)
         user_grads = grads if all(has) else [g for g in grads if g is not None]
+        if self._dtensor:
+            # A DTensor's local shard can be swapped under the same DTensor
+            # (FSDP2 does it on lazy init and to_empty): read it every step.
+            kusers = [_local(p) for p, h in zip(params, has) if h]
+            kgrads = list(map(_local, user_grads))
+        else:
+            kusers, kgrads = self._kusers, user_grads
         if (static != self._static or len(params) != len(self._params)
                 or not all(map(operator.is_, params, self._params))
-                or not self._guard.check(self._users + user_grads)
-                or not self._refresh(user_grads)):
+                or not self._guard.check(kusers + kgrads)
+                or not self._refresh(kusers, user_grads, kgrads)):
             self._build(opt, group, params, grads, has)
         elif self._host is not None or self._host_used:
             self._make_host(params, has)  # addresses moved: the C++ path follows from here
         return True
 
-    def _refresh(self, user_grads: list) -> bool:
+    def _refresh(self, kusers: list, user_grads: list, kgrads: list) -> bool:
         """Metadata as at the build: bring addresses up to date. False where
-        only a rebuild can (complex params' cached real views)."""
-        ptrs = list(map(_PTR, self._users))
+        only a rebuild can (complex params' cached real views). kusers and
+        kgrads are the kernels' views (local shards of DTensors); torch's
+        functional route takes the user's own tensors."""
+        ptrs = list(map(_PTR, kusers))
         moved = ptrs != self._ptrs
         if moved and self._cplx:
             return False
         for b in self._buckets:
+            functional = b.backend == "functional"
             if moved:
-                b.batch.set_params(_pick(self._users, b.index, b.whole))
-            g = _pick(user_grads, b.index, b.whole)
+                b.batch.set_params(_pick(self._users if functional else kusers, b.index, b.whole))
+            g = _pick(user_grads if functional else kgrads, b.index, b.whole)
             if self._cplx:
                 g = list(map(_real, g))
             if b.copy_grads:
@@ -513,6 +562,7 @@ class GroupPlan:
                     g[j] = torch.empty_like(b.batch.params[j]).copy_(g[j])
             b.batch.set_grads(g)
         self._ptrs = ptrs
+        self._kusers = kusers
         return True
 
     # ------------------------------------------------------------ build
@@ -531,6 +581,7 @@ class GroupPlan:
             _check_param(i, p)
             _check_grad(i, p, g, sparse_ok=self.algo == "sgd")
         names = self._state_names(group)
+        dtensor = any(map(_is_dtensor, users)) or any(map(_is_dtensor, user_grads))
         states = []
         for p in users:
             st = opt.state.get(p)
@@ -540,9 +591,14 @@ class GroupPlan:
             if self.algo == "adam" and "max_exp_avg_sq" in names and "max_exp_avg_sq" not in st:
                 st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])  # amsgrad switched on mid-run
             states.append(st)
+            if dtensor:
+                _check_dtensor_pairing(len(states) - 1, p, user_grads[len(states) - 1], st, names)
+        # The kernels' views: DTensors' local shards, complex tensors' real views.
+        kusers = list(map(_local, users)) if dtensor else users
+        klgrads = list(map(_local, user_grads)) if dtensor else user_grads
         cplx = any(p.is_complex() for p in users)
-        kparams = list(map(_real, users)) if cplx else users
-        kgrads = list(map(_real, user_grads)) if cplx else user_grads
+        kparams = list(map(_real, kusers)) if cplx else kusers
+        kgrads = list(map(_real, klgrads)) if cplx else klgrads
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(kparams):
             groups.setdefault((p.device, p.dtype), []).append(i)
@@ -565,10 +621,12 @@ class GroupPlan:
                                                        functional_group))
         self._buckets = buckets
         self._users = users
+        self._kusers = kusers
+        self._dtensor = dtensor
         self._params = list(params)
         self._cplx = cplx
-        self._ptrs = list(map(_PTR, users))
-        self._guard = _MetadataGuard(users + user_grads)
+        self._ptrs = list(map(_PTR, kusers))
+        self._guard = _MetadataGuard(kusers + klgrads)
         # Read last: this build's own state assignments (new Adam state, SGD
         # buffers) must not count as a change at the next step.
         self._static = self._static_key(opt, group, has)
@@ -609,7 +667,7 @@ class GroupPlan:
         if st is None or p.numel() <= 1:
             return True
         for name in names:
-            s = _real(st.get(name))
+            s = _real(_local(st.get(name)))
             if isinstance(s, torch.Tensor) and s.shape == p.shape and s.stride() != p.stride():
                 return False
         return True
@@ -643,7 +701,7 @@ class GroupPlan:
                     st["momentum_buffer"] = s
                     first[j] = True
                     self._first.append(st)
-                s = _real(s)
+                s = _real(_local(s))
                 _check_state(i, name, s, params[j], sd)
                 col.append(s)
             state[name] = col
