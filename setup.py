@@ -6,6 +6,13 @@ CMakeLists.txt (which documents them):
 
     FUSED_ADAMW_CUDA=AUTO|ON|OFF     build fused_adamw._cuda (default AUTO)
     FUSED_ADAMW_CUDA_ARCHS="80-real;90"
+    FUSED_ADAMW_CUDA_EMU=AUTO|ON|OFF build fused_adamw._cuda_emu, the CUDA kernels
+                                     compiled for the host (default AUTO: where CUDA's
+                                     headers are found)
+    FUSED_ADAMW_SANITIZE=OFF|ON      _cpu and _cuda_emu with ASan + UBSan (no _cuda)
+    FUSED_ADAMW_HOST=AUTO|ON|OFF     build fused_adamw._host, the plan's per-step check in
+                                     C++, against the torch this Python imports (AUTO:
+                                     where it imports one, i.e. --no-build-isolation)
     FUSED_ADAMW_BUILD_JOBS=N         parallel compile jobs (default: all cores)
 
 `pip install .` or `pip install -e .`; the build prints its progress and what
@@ -91,6 +98,9 @@ class CMakeBuild(build_ext):
         # value of the previous build otherwise.
         cuda_mode = os.environ.get("FUSED_ADAMW_CUDA", "AUTO").upper()
         args.append(f"-DFUSED_ADAMW_CUDA={cuda_mode}")
+        args.append(f"-DFUSED_ADAMW_CUDA_EMU={os.environ.get('FUSED_ADAMW_CUDA_EMU', 'AUTO').upper()}")
+        args.append(f"-DFUSED_ADAMW_SANITIZE={os.environ.get('FUSED_ADAMW_SANITIZE', 'OFF').upper()}")
+        args.append(f"-DFUSED_ADAMW_HOST={os.environ.get('FUSED_ADAMW_HOST', 'AUTO').upper()}")
         archs = os.environ.get("FUSED_ADAMW_CUDA_ARCHS")
         args.append(f"-DFUSED_ADAMW_CUDA_ARCHS={archs}" if archs else "-UFUSED_ADAMW_CUDA_ARCHS")
         nvcc = os.environ.get("CUDACXX")
@@ -101,11 +111,13 @@ class CMakeBuild(build_ext):
             if nvcc:
                 args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         if cuda_mode == "OFF":
-            say("FUSED_ADAMW_CUDA=OFF: building _cpu only")
+            say("FUSED_ADAMW_CUDA=OFF: building _cpu (and _cuda_emu where CUDA's headers are found; "
+                "FUSED_ADAMW_CUDA_EMU=OFF skips it)")
         elif nvcc:
             # Measured on the project's 2-core machine: _cpu alone 20 s, with _cuda 65 s.
-            say(f"FUSED_ADAMW_CUDA={cuda_mode} and nvcc at {nvcc}: building _cpu and _cuda, which "
-                "triples the build time (FUSED_ADAMW_CUDA=OFF skips _cuda on a machine without a GPU)")
+            say(f"FUSED_ADAMW_CUDA={cuda_mode} and nvcc at {nvcc}: building _cpu, _cuda and _cuda_emu (the "
+                "CUDA kernels compiled for the host), which triples the build time (FUSED_ADAMW_CUDA=OFF skips "
+                "_cuda on a machine without a GPU)")
 
         jobs = os.environ.get("FUSED_ADAMW_BUILD_JOBS", str(os.cpu_count() or 2))
         t0 = time.perf_counter()
@@ -120,12 +132,13 @@ class CMakeBuild(build_ext):
 
     @staticmethod
     def _built(folder: Path) -> list[Path]:
-        return sorted(p for pattern in ("_c*.so", "_c*.pyd") for p in folder.glob(pattern))
+        return sorted(p for pattern in ("_c*.so", "_c*.pyd", "_host*.so", "_host*.pyd") for p in folder.glob(pattern))
 
     def copy_extensions_to_source(self) -> None:
         """Editable installs copy the declared extension (_cpu) into the source
-        tree; _cuda comes from the same CMake run but is declared nowhere (it
-        exists only where nvcc does), so it is copied here too."""
+        tree; _cuda, _cuda_emu and _host come from the same CMake run but are
+        declared nowhere (each exists only where its compiler, headers or
+        torch were found), so they are copied here too."""
         super().copy_extensions_to_source()
         built_dir = Path(self.build_lib) / "fused_adamw"
         package_dir = Path(self.get_finalized_command("build_py").get_package_dir("fused_adamw"))

@@ -159,7 +159,17 @@ def test_graph_capture_and_replay_equals_eager(dtype, amsgrad):
         graph_lr.fill_(lrs[k])
         for sg, g in zip(static_grads, grads[k]):
             sg.copy_(g)
-        graph.replay()
+        if k == warmup:  # the captured step is the step kernel and the update kernel, no table upload
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                graph.replay()
+                torch.cuda.synchronize()
+            kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            assert not [n for n in kernels if "upload_kernel" in n], kernels
+            assert len([n for n in kernels if "adam_step_kernel" in n]) == 1, kernels
+            assert len([n for n in kernels if "adam_kernel" in n]) == 1, kernels
+        else:
+            graph.replay()
     torch.cuda.synchronize()
 
     keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
@@ -168,8 +178,8 @@ def test_graph_capture_and_replay_equals_eager(dtype, amsgrad):
         for key in keys:
             assert torch.equal(opt.state[p][key], eager.state[q][key]), f"{key} {i}"
 
-    # An eager step after the capture (the workspace is graph-owned now and
-    # must re-upload the tables a replay may have overwritten).
+    # An eager step after the capture: the graph keeps its own tables, the
+    # eager call its own.
     for p, q, g in zip(graph_p, eager_p, grads[n_steps]):
         p.grad = g.clone()
         q.grad = g.clone()
@@ -387,3 +397,65 @@ def test_cuda_error_is_runtime_error():
     q.grad = torch.randn_like(q)
     fa.AdamW([q], backend="cuda").step()
     torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- issue 11: grid shape, index arithmetic
+
+def test_chunk_size_follows_the_devices_sm_count():
+    """A 2**20-element group is cut into chunks for about 8 blocks per SM of
+    this device, and the step equals the fixed-64K-chunk step exactly (the
+    chunking changes which block does what, not the math)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = _gen(11)
+    init = torch.randn(2**20, device=DEV, generator=gen)
+    grads = [torch.randn(2**20, device=DEV, generator=gen) for _ in range(3)]
+    out = []
+    for chunk in (0, _cuda.CHUNK_ELEMS):
+        _cuda.set_launch_overrides(chunk_elems=chunk)
+        try:
+            p = init.clone().requires_grad_()
+            opt = fa.AdamW([p], lr=1e-2, weight_decay=0.1, backend="cuda")
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+            torch.cuda.synchronize()
+            ws = next(v for _, plan in opt._plans.values() for r in plan.resources.values() for v in r.values()
+                      if isinstance(v, _cuda.Workspace))
+            out.append((p.detach().clone(), ws.chunk_elems))
+        finally:
+            _cuda.set_launch_overrides(0, 0)
+    (chosen, chosen_chunk), (fixed, fixed_chunk) = out
+    assert fixed_chunk == _cuda.CHUNK_ELEMS
+    assert chosen_chunk == max(4096, min(65536, 1 << (-(-2**20 // (8 * sms)) - 1).bit_length()))
+    assert torch.equal(chosen, fixed)
+
+
+def test_chunk_index_past_2_31_elements_on_a_small_buffer():
+    """Chunk 2048 of 2**20-element chunks starts at element 2**31: the table's
+    pointers are shifted back by 2**31 elements onto a 100-element buffer.
+    32-bit index arithmetic would address 8 GB away."""
+    n, base = 100, 2**31
+    gen = _gen(5)
+    tensors = {k: torch.randn(n, device=DEV, generator=gen) for k in ("param", "grad", "exp_avg")}
+    tensors["exp_avg_sq"] = torch.rand(n, device=DEV, generator=gen)
+    from fused_adamw import _native
+    hyper = _native.to_cpp(_cuda, AdamHyper(lr=1e-2, weight_decay=0.1, decay_coeff=0.1))
+
+    def step_on(shift, chunk_index, numel):
+        ts = {k: v.clone() for k, v in tensors.items()}
+        step = torch.zeros((), device=DEV)
+        table = np.zeros((1, _native.AdamCol.COUNT), dtype=np.int64)
+        table[0, _native.AdamCol.NUMEL] = numel
+        for col, key in ((_native.AdamCol.PARAM, "param"), (_native.AdamCol.GRAD, "grad"),
+                         (_native.AdamCol.EXP_AVG, "exp_avg"), (_native.AdamCol.EXP_AVG_SQ, "exp_avg_sq")):
+            table[0, col] = ts[key].data_ptr() - shift * 4
+        table[0, _native.AdamCol.STEP] = step.data_ptr()
+        _cuda.adam_step_chunks(table.ctypes.data, 1, 0, 0, hyper, [(0, chunk_index)], 2**20, 0,
+                               torch.cuda.current_stream().cuda_stream)
+        return ts, step
+
+    far, step_far = step_on(base, 2048, base + n)
+    near, step_near = step_on(0, 0, n)
+    assert float(step_far) == float(step_near) == 1.0
+    for k in tensors:
+        assert torch.equal(far[k], near[k]), k

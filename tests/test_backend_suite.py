@@ -11,7 +11,14 @@ backend's name:
           one, under the Triton interpreter (conftest.py sets
           TRITON_INTERPRET) on CPU tensors at the small sizes, since the
           interpreter is slow;
-  cuda    fused_adamw._cuda, full sizes; marked `gpu` (skipped without one).
+  cuda    fused_adamw._cuda, full sizes; marked `gpu` (skipped without one);
+  cuda_emu  backend="cuda" on CPU tensors through fused_adamw._cuda_emu, the
+          same csrc/cuda kernels compiled for the host (the fixture sets
+          FUSED_ADAMW_CUDA_EMULATION=1 for the test); skipped where
+          the emulated module was not built; sizes 1, 7, 4097 (the 2**20 + 3
+          runs cost ~5 s each; tests/test_cuda_emulation.py covers many chunks
+          with a small chunk size). test_cuda_emu_equals_cpu_bit_for_bit
+          below compares it with the cpu backend bit for bit.
 
 Oracles:
 
@@ -31,6 +38,7 @@ each call updates several tensors of different sizes and shapes at once.
 
     pytest tests/test_backend_suite.py              # every backend (a few minutes on 2 cores)
     pytest tests/test_backend_suite.py -k "[cpu"    # one backend: its ids start with "[cpu"
+    pytest tests/test_backend_suite.py -k "cuda_emu" # the emulated CUDA kernels
 """
 from __future__ import annotations
 
@@ -51,6 +59,11 @@ class Backend(NamedTuple):
     name: str  # the optimizers' backend= keyword
     device: str  # where the params, grads and state live
     sizes: tuple  # the values of `size` for the tests that take one
+    label: str = ""  # the test ids' prefix (default: name)
+
+    @property
+    def id(self) -> str:
+        return self.label or self.name
 
 
 _GPU = torch.cuda.is_available()
@@ -61,8 +74,10 @@ BACKENDS = (
     Backend("torch", "cpu", _SMALL_SIZES),
     Backend("triton", "cuda" if _GPU else "cpu", _FULL_SIZES if _GPU else _SMALL_SIZES),
     Backend("cuda", "cuda", _FULL_SIZES),
+    Backend("cuda", "cpu", _SMALL_SIZES, label="cuda_emu"),
 )
 _MARKS = {"cuda": (pytest.mark.gpu,)}
+EMULATION_ENV = "FUSED_ADAMW_CUDA_EMULATION"
 
 
 def pytest_generate_tests(metafunc):
@@ -71,19 +86,22 @@ def pytest_generate_tests(metafunc):
     if "backend" not in metafunc.fixturenames:
         return
     if "size" in metafunc.fixturenames:
-        cases = [pytest.param(b, s, id=f"{b.name}-n{s}", marks=_MARKS.get(b.name, ()))
+        cases = [pytest.param(b, s, id=f"{b.id}-n{s}", marks=_MARKS.get(b.id, ()))
                  for b in BACKENDS for s in b.sizes]
         metafunc.parametrize(("backend", "size"), cases, indirect=["backend"])
     else:
-        cases = [pytest.param(b, id=b.name, marks=_MARKS.get(b.name, ())) for b in BACKENDS]
+        cases = [pytest.param(b, id=b.id, marks=_MARKS.get(b.id, ())) for b in BACKENDS]
         metafunc.parametrize("backend", cases, indirect=True)
 
 
 @pytest.fixture
-def backend(request) -> Backend:
+def backend(request, monkeypatch) -> Backend:
     """The Backend a test runs on (parametrized by pytest_generate_tests above)."""
     if request.param.name == "triton":
         pytest.importorskip("triton")
+    if request.param.id == "cuda_emu":
+        pytest.importorskip("fused_adamw._cuda_emu")
+        monkeypatch.setenv(EMULATION_ENV, "1")
     return request.param
 
 
@@ -485,3 +503,62 @@ def test_triton_equals_cuda_backend(mode, dtype_id):
         torch.testing.assert_close(a, b, **tol.kw)
         for key, val in topt.state[a].items():
             torch.testing.assert_close(val, copt.state[b][key], **tol.kw, msg=key)
+
+
+# ---------------------------------------------------------------- the emulated CUDA kernels against cpu
+
+@pytest.fixture
+def cpu_baseline_isa():
+    """The cpu backend's baseline build: no FMA, like the emulated module
+    (-ffp-contract=off). The AVX2 / AVX-512 builds are compiled with -mfma and
+    GCC contracts a*b+c there, so they differ from both in the last bit; the
+    real GPU kernels differ too (nvcc contracts by default)."""
+    _cpu = pytest.importorskip("fused_adamw._cpu")
+    before = _cpu.build_info()["isa"]
+    _cpu.set_isa("base")
+    yield
+    _cpu.set_isa(before)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("mode", list(ADAM_MODES) + list(SGD_MODES))
+def test_cuda_emu_equals_cpu_bit_for_bit(mode, dtype_id, monkeypatch, cpu_baseline_isa):
+    """Both run update.h's per-element math in the same order, the per-tensor
+    scalars from the same double expressions, and round the same way (RNE), so
+    params and state agree exactly, 16-byte path, scalar tail and all."""
+    pytest.importorskip("fused_adamw._cuda_emu")
+    monkeypatch.setenv(EMULATION_ENV, "1")
+    cls_name, kw = {**ADAM_MODES, **SGD_MODES}[mode]
+    kw = dict(ADAM_COMMON if cls_name.startswith("Adam") else SGD_COMMON, **kw)
+    dtype, state_dtype = DTYPES[dtype_id]
+    init, grads = make_data(4097, seed=31, steps=6)
+    runs = [run_optimizer(getattr(fa, cls_name), dict(kw, backend=name, state_dtype=state_dtype), init, grads,
+                          dtype, "cpu") for name in ("cuda", "cpu")]
+    (ep, eopt, _), (cp, copt, _) = runs
+    for a, b in zip(ep, cp):
+        assert torch.equal(a, b)
+        assert eopt.state[a].keys() == copt.state[b].keys()
+        for key, val in copt.state[b].items():
+            assert torch.equal(eopt.state[a][key], val), key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["adamw", "adam-l2-amsgrad-maximize", "sgd-nesterov-maximize", "sgdw-schedule"])
+@pytest.mark.parametrize("dtype_id", ["fp32", "bf16-fp32state"])
+def test_cuda_equals_emulated_cuda(mode, dtype_id, monkeypatch):
+    """The same kernels on the GPU and emulated on the host agree to rounding
+    (nvcc contracts a*b+c into FMAs, the host build does not)."""
+    pytest.importorskip("fused_adamw._cuda_emu")
+    monkeypatch.setenv(EMULATION_ENV, "1")
+    cls_name, kw = {**ADAM_MODES, **SGD_MODES}[mode]
+    kw = dict(ADAM_COMMON if cls_name.startswith("Adam") else SGD_COMMON, **kw)
+    dtype, state_dtype = DTYPES[dtype_id]
+    init, grads = make_data(4097, seed=23)
+    runs = [run_optimizer(getattr(fa, cls_name), dict(kw, backend="cuda", state_dtype=state_dtype), init, grads,
+                          dtype, device) for device in ("cuda", "cpu")]
+    (gp, gopt, _), (ep, eopt, _) = runs
+    tol = GPU_BACKENDS[dtype]
+    for a, b in zip(gp, ep):
+        torch.testing.assert_close(a.detach().cpu(), b.detach(), **tol.kw)
+        for key, val in gopt.state[a].items():
+            torch.testing.assert_close(val.cpu(), eopt.state[b][key], **tol.kw, msg=key)

@@ -50,3 +50,23 @@ def test_a_cache_of_another_generator_is_stale(tmp_path):
     d = _cache(tmp_path, ["CMAKE_GENERATOR:INTERNAL=Unix Makefiles"])
     assert "Unix Makefiles" in _stale_cache_reason()(d, True)
     assert _stale_cache_reason()(d, False) is None
+
+
+CMAKE = SETUP.parent / "CMakeLists.txt"
+KNOBS = ("FUSED_ADAMW_CUDA", "FUSED_ADAMW_CUDA_ARCHS", "FUSED_ADAMW_CUDA_EMU", "FUSED_ADAMW_SANITIZE")
+
+
+def test_every_build_knob_is_declared_documented_and_forwarded():
+    cmake, setup = CMAKE.read_text(), SETUP.read_text()
+    for knob in KNOBS:
+        assert f"#   {knob} " in cmake, f"{knob} is not documented at the top of CMakeLists.txt"
+        assert f"set({knob} " in cmake or f"option({knob} " in cmake, f"{knob} is not a CMake cache entry"
+        assert f"-D{knob}=" in setup, f"setup.py does not forward {knob}"
+
+
+def test_emulated_module_compiles_the_same_kernel_sources():
+    """_cuda and _cuda_emu glob the same csrc/cuda/*.cu: no second copy of a kernel."""
+    cmake = CMAKE.read_text()
+    assert cmake.count("file(GLOB FA_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu)") == 1
+    assert cmake.count("file(GLOB FA_EMU_CU CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu)") == 1
+    assert "FUSED_ADAMW_CUDA_EMULATION=1" in cmake and "csrc/bindings/cuda_module.cu" in cmake

@@ -5,11 +5,23 @@ statically); these tests check what it decides before a launch: the chunk
 plan (boundaries, counts, sizes over 2**31, many tensors), the per-tensor
 16-byte-path decision, the validation of address tables and arguments, and
 that a CUDA failure is a RuntimeError. The kernels themselves are tested on a
-GPU by test_adam_cuda.py and the cuda ids of test_backend_suite.py.
+GPU by test_adam_cuda.py and the cuda ids of test_backend_suite.py, and on
+the host through the emulated module by test_cuda_emulation.py.
+
+Compiler guard rails (skipped only where nvcc, or cuobjdump and nvdisasm,
+are missing): the kernels compiled for sm_90 with -Xptxas -v have no spills
+and at most 64 registers; the 16-byte path is LDG.E.128 / STG.E.128 in SASS.
 
     pytest tests/test_cuda_host.py
 """
+import importlib.util
 import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -153,11 +165,36 @@ def test_chunk_plan_of_many_tensors():
     assert plan["blocks"] == len(tensor)
 
 
-def test_empty_plan_still_launches_one_block():
-    # The last block of the grid increments the steps, also of empty tensors.
+def test_empty_plan_launches_no_update_blocks():
+    # The step kernel increments the steps (of empty tensors too); the update
+    # kernel is not launched for a plan without chunks (a grid of 0 blocks is
+    # a launch error).
     for numels in ([], [0, 0]):
         plan = _cuda.plan_chunks(numels)
-        assert plan["tensor"] == [] and plan["blocks"] == 1
+        assert plan["tensor"] == [] and plan["blocks"] == 0
+
+
+@pytest.mark.parametrize("numel,sms,chunk", [(2**20, 132, 4096), (2**20, 4, 32768), (2**24, 132, 16384),
+                                              (2**30, 132, CHUNK), (5, 132, 4096)])
+def test_chunk_size_follows_group_size_and_sm_count(numel, sms, chunk):
+    """About 8 blocks per SM (kTargetBlocksPerSm in multi_tensor.cuh), chunks
+    a power of two between 4K and 64K elements."""
+    plan = plan_of(adam_table([numel]), _native.to_cpp(_cuda, AdamHyper()))
+    assert plan["chunk_elems"] == CHUNK
+    plan = _cuda.plan_table(adam_table([numel]).ctypes.data, 1, _native.to_cpp(_cuda, AdamHyper()), sm_count=sms)
+    assert plan["chunk_elems"] == chunk and plan["blocks"] == -(-numel // chunk)
+
+
+def test_launch_overrides_force_chunk_and_grid():
+    try:
+        _cuda.set_launch_overrides(chunk_elems=40, max_blocks=3)
+        plan = _cuda.plan_table(adam_table([1000]).ctypes.data, 1, _native.to_cpp(_cuda, AdamHyper()), sm_count=132)
+        assert plan["chunk_elems"] == 40 and len(plan["tensor"]) == 25 and plan["blocks"] == 3
+        with pytest.raises(ValueError, match="multiple of 8"):
+            _cuda.set_launch_overrides(chunk_elems=12)
+    finally:
+        _cuda.set_launch_overrides(0, 0)
+    assert _cuda.launch_overrides() == (0, 0)
 
 
 @pytest.mark.parametrize("numels,chunk,what", [
@@ -272,3 +309,124 @@ def test_cuda_failure_is_a_runtime_error():
     table = adam_table([4])
     with pytest.raises(RuntimeError, match="fused_adamw._cuda: cuda"):
         _adam_call(table.ctypes.data, 1, 0, 0, 0, _cuda.Workspace(0))
+
+
+# ---------------------------------------------------------------- compiler guard rails
+
+ROOT = Path(__file__).resolve().parent.parent
+GUARD_ARCH = "sm_90"
+# With 512-thread blocks, 64 registers a thread keep 2 blocks resident per
+# SM (65536 registers); more would leave one.
+MAX_REGISTERS = 64
+
+
+def _missing(what: str):
+    """Skip, or fail where the run asks for the guard rails
+    (FUSED_ADAMW_GUARD_RAILS=1, benchmarks/gpu_check.sh)."""
+    if os.environ.get("FUSED_ADAMW_GUARD_RAILS", "0") not in ("", "0"):
+        pytest.fail(f"{what} (FUSED_ADAMW_GUARD_RAILS=1 requires the guard rails)")
+    pytest.skip(what)
+
+
+def _tool(name: str) -> Optional[str]:
+    """A CUDA tool on PATH, beside nvcc, or from the nvidia-cuda-* pip wheels."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for root in ("/usr/local/cuda/bin",):
+        if os.access(os.path.join(root, name), os.X_OK):
+            return os.path.join(root, name)
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations if spec else []) or []:
+        for hit in sorted(Path(base).glob(f"*/bin/{name}")):
+            if os.access(hit, os.X_OK):
+                return str(hit)
+    return None
+
+
+@pytest.fixture(scope="module")
+def guard_build(tmp_path_factory):
+    """adam_cuda.cu and sgd_cuda.cu compiled for sm_90 with -Xptxas -v:
+    {file stem: (ptxas log, cubin path)} (about 25 s on 2 cores)."""
+    nvcc = _tool("nvcc")
+    if nvcc is None:
+        _missing("nvcc not found")
+    out = tmp_path_factory.mktemp("guard")
+    built = {}
+    for stem in ("adam_cuda", "sgd_cuda"):
+        cubin = out / f"{stem}.cubin"
+        cmd = [nvcc, "-O3", "--expt-relaxed-constexpr", "-std=c++17", f"-arch={GUARD_ARCH}", "-Xptxas", "-v",
+               "-cubin", "-o", str(cubin), "-I", str(ROOT / "csrc/include"), "-I", str(ROOT / "csrc/cuda"),
+               str(ROOT / f"csrc/cuda/{stem}.cu")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        built[stem] = (res.stdout + res.stderr, cubin)
+    return built
+
+
+_PTXAS_ENTRY = re.compile(
+    r"Compiling entry function '(\S+)' for '\w+'\n"
+    r"ptxas info\s+: Function properties for \S+\n"
+    r"\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n"
+    r"ptxas info\s+: Used (\d+) registers")
+
+
+def _short(mangled: str) -> str:
+    """The kernel and its template arguments, from a mangled name."""
+    m = re.search(r"(adam_step_kernel|adam_kernel|sgd_kernel|upload_kernel)(I.*?EEv)?", mangled)
+    return m.group(0) if m else mangled
+
+
+def test_ptxas_registers_and_no_spills(guard_build):
+    """Every kernel: no spills, no stack frame, at most MAX_REGISTERS registers."""
+    rows = []
+    for stem, (log, _) in guard_build.items():
+        entries = _PTXAS_ENTRY.findall(log)
+        assert entries, log[-2000:]
+        for name, stack, stores, loads, regs in entries:
+            rows.append((stem, name, int(stack), int(stores), int(loads), int(regs)))
+    print("\n".join(f"{_short(n)}: {r} registers, stack {st}, spills {a}/{b}" for _, n, st, a, b, r in rows))
+    kernels = {n for _, n, *_ in rows}
+    assert any("adam_step_kernel" in n for n in kernels) and sum("adam_kernel" in n for n in kernels) == 12
+    assert sum("sgd_kernel" in n for n in kernels) == 12
+    for stem, name, stack, stores, loads, regs in rows:
+        assert (stack, stores, loads) == (0, 0, 0), f"{name}: stack {stack}, spill stores {stores}, loads {loads}"
+        assert regs <= MAX_REGISTERS, f"{name}: {regs} registers"
+
+
+def test_vector_path_uses_128_bit_global_accesses(guard_build):
+    """The 16-byte path compiles to LDG.E.128 / STG.E.128 (the SASS of each
+    update kernel): one per 16 bytes of each tensor it reads and writes."""
+    cuobjdump = _tool("cuobjdump")
+    nvdisasm = _tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        _missing("cuobjdump / nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
+    counts = {}
+    for stem, (_, cubin) in guard_build.items():
+        res = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        current = None
+        for line in res.stdout.splitlines():
+            m = re.search(r"Function : (\S+)", line)
+            if m:
+                current = m.group(1)
+                counts[current] = {"LDG128": 0, "STG128": 0}
+            elif current and re.search(r"\bLDG\.E\.128\b", line):
+                counts[current]["LDG128"] += 1
+            elif current and re.search(r"\bSTG\.E\.128\b", line):
+                counts[current]["STG128"] += 1
+    print("\n".join(f"{_short(n)}: {c}" for n, c in counts.items()))
+    checked = 0
+    for name, c in counts.items():
+        # The mangled name ends with the template flag: Lb1 amsgrad / momentum.
+        flag = re.search(r"Lb([01])EEEv", name)
+        if "adam_kernel" in name:
+            need = (5, 4) if flag.group(1) == "1" else (4, 3)
+        elif "sgd_kernel" in name:
+            need = (3, 2) if flag.group(1) == "1" else (2, 1)
+        else:
+            continue
+        checked += 1
+        assert c["LDG128"] >= need[0] and c["STG128"] >= need[1], f"{name}: {c}, want at least {need}"
+    assert checked == 24

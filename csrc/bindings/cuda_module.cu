@@ -1,4 +1,7 @@
-// cuda_module.cu: the pybind11 module fused_adamw._cuda.
+// cuda_module.cu: the pybind11 module fused_adamw._cuda, and, compiled by the
+// host compiler with -DFUSED_ADAMW_CUDA_EMULATION, fused_adamw._cuda_emu: the
+// same module over csrc/emulation/cuda_emulation.h (kernels on host memory),
+// plus the emulator's knobs (csrc/emulation/emulation_bindings.cpp).
 //
 // The native interface of ../shared/DESIGN.md: raw addresses (Python ints) of
 // a HOST int64 address table, dtype codes, a hyperparameter struct, a device
@@ -8,6 +11,9 @@
 //   Workspace(device_index)   device memory holding a group's plan across steps
 //   adam_step(...), sgd_step(...)
 //   plan_chunks, plan_table   the host-side planning, for tests without a GPU
+//   set_launch_overrides(chunk_elems, max_blocks), launch_overrides()
+//                             test knobs: a forced chunk size, a capped grid
+//   adam_step_chunks(...)     test hook: one Adam step over a hand-made chunk list
 //   build_info(), device_count()
 //
 // Argument errors raise ValueError (std::invalid_argument) naming the
@@ -15,7 +21,7 @@
 // message. cudart is linked statically (CMakeLists.txt), so the module imports
 // where there is no GPU or CUDA runtime library.
 //
-// Built by CMakeLists.txt ("_cuda").
+// Built by CMakeLists.txt ("_cuda", "_cuda_emu").
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -28,6 +34,14 @@
 
 #include "multi_tensor.cuh"
 #include "hyper_bindings.h"
+
+#if defined(FUSED_ADAMW_CUDA_EMULATION)
+namespace fused_adamw {
+namespace emu {
+void bind_emulation(pybind11::module_& m);  // emulation_bindings.cpp
+}  // namespace emu
+}  // namespace fused_adamw
+#endif
 
 namespace py = pybind11;
 
@@ -131,6 +145,7 @@ py::dict chunks_dict(const std::vector<ChunkRecord>& chunks, const std::vector<i
   out["start"] = start;
   out["end"] = end;
   out["blocks"] = launch_blocks(static_cast<int64_t>(chunks.size()));
+  out["chunk_elems"] = chunk_elems;
   return out;
 }
 
@@ -138,9 +153,12 @@ py::dict plan_chunks_py(const std::vector<int64_t>& numels, int64_t chunk_elems)
   return chunks_dict(plan_chunks(numels, chunk_elems), numels, chunk_elems);
 }
 
-py::dict plan_table_py(Algorithm algo, int64_t table_addr, int64_t n_tensors, bool third_state) {
+py::dict plan_table_py(Algorithm algo, int64_t table_addr, int64_t n_tensors, bool third_state, int64_t sm_count) {
   const auto* table = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(table_addr));
-  const HostPlan plan = plan_table(algo, table, n_tensors, third_state);
+  // sm_count 0: the fixed kChunkElems; else the chunk size a step on a device
+  // with that many SMs would choose.
+  const HostPlan plan = plan_table(algo, table, n_tensors, third_state, sm_count > 0 ? 0 : kChunkElems,
+                                   static_cast<int>(sm_count));
   std::vector<int64_t> numels;
   py::list vector, first_step;
   for (const TensorRecord& r : plan.records) {
@@ -148,7 +166,7 @@ py::dict plan_table_py(Algorithm algo, int64_t table_addr, int64_t n_tensors, bo
     vector.append((r.flags & kVectorAligned) != 0);
     first_step.append((r.flags & kFirstStep) != 0);
   }
-  py::dict out = chunks_dict(plan.chunks, numels, kChunkElems);
+  py::dict out = chunks_dict(plan.chunks, numels, plan.chunk_elems);
   out["vector"] = vector;
   out["first_step"] = first_step;
   return out;
@@ -167,25 +185,94 @@ int device_count() {
 
 py::dict build_info() {
   py::dict d;
+#if defined(FUSED_ADAMW_CUDA_EMULATION)
+  d["archs"] = std::string("emulated");
+  d["nvcc"] = std::string("none (host compiler, csrc/emulation/cuda_emulation.h)");
+  d["emulated"] = true;
+  d["cudart_static"] = false;
+#else
   d["archs"] = std::string(FUSED_ADAMW_CUDA_ARCHS);
   d["nvcc"] = std::string(FUSED_ADAMW_CUDA_VERSION);
-  d["cudart"] = CUDART_VERSION;
+  d["emulated"] = false;
   d["cudart_static"] = true;
+#endif
+  d["cudart"] = CUDART_VERSION;
   d["metadata"] = std::string(
       "device-resident table (64-byte tensor records + 8-byte chunk records), cached per workspace, "
-      "uploaded through 32 KB kernel-parameter blobs when the host table changes");
-  d["step_increment"] = std::string("last block of the grid (atomic ticket)");
+      "uploaded through 32 KB kernel-parameter blobs when the host table changes; a captured call gets "
+      "its own copy, filled outside the graph");
+  d["step_increment"] = std::string("step kernel before the update (one thread per tensor, fp64 terms once per tensor)");
   d["chunk_elems"] = kChunkElems;
+  d["min_chunk_elems"] = kMinChunkElems;
   d["block_threads"] = kBlockThreads;
   d["pack_bytes"] = kPackBytes;
   return d;
+}
+
+void set_launch_overrides(int64_t chunk_elems, int64_t max_blocks) {
+  if (chunk_elems < 0 || chunk_elems % kPackAlignElems != 0)
+    throw std::invalid_argument("chunk_elems must be 0 or a positive multiple of " + std::to_string(kPackAlignElems) +
+                                ", got " + std::to_string(chunk_elems));
+  if (max_blocks < 0 || max_blocks > kMaxBlocks)
+    throw std::invalid_argument("max_blocks must be in [0, 2**31 - 1], got " + std::to_string(max_blocks));
+  launch_overrides() = LaunchOverrides{chunk_elems, max_blocks};
+}
+
+// One Adam step over the given chunks (tensor, index) of a table, with this
+// chunk size, through a buffer of its own (no workspace): lets a test put a
+// chunk index whose element offset passes 2**31 on a small buffer (the
+// table's pointers shifted back by that offset). Synchronizes the stream.
+void adam_step_chunks(int64_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
+                      const AdamHyper& hyper, const std::vector<std::pair<int64_t, int64_t>>& chunks,
+                      int64_t chunk_elems, int64_t device_index, uintptr_t stream_handle) {
+  const CallArgs call = check_call(table_addr, n_tensors, param_dtype, state_dtype, device_index, nullptr);
+  if (call.table == nullptr) return;
+  HostPlan plan = plan_table(Algorithm::kAdam, call.table, n_tensors, hyper.amsgrad, chunk_elems);
+  plan.chunks.clear();
+  for (const auto& c : chunks) {
+    if (c.first < 0 || c.first >= n_tensors || c.second < 0 || c.second > UINT32_MAX ||
+        c.second * chunk_elems >= plan.records[static_cast<size_t>(c.first)].numel)
+      throw std::invalid_argument("chunk (" + std::to_string(c.first) + ", " + std::to_string(c.second) +
+                                  ") is outside its tensor");
+    plan.chunks.push_back(ChunkRecord{static_cast<uint32_t>(c.first), static_cast<uint32_t>(c.second)});
+  }
+  const cudaStream_t stream = as_stream(stream_handle);
+  DeviceGuard guard(static_cast<int>(device_index));
+  const size_t record_bytes = sizeof(TensorRecord) * plan.records.size();
+  const size_t chunk_bytes = sizeof(ChunkRecord) * plan.chunks.size();
+  const size_t terms_at = (record_bytes + chunk_bytes + 15) / 16 * 16;
+  char* buf = nullptr;
+  check_cuda(cudaMalloc(&buf, terms_at + sizeof(AdamStepTerms) * plan.records.size()), "cudaMalloc");
+  try {
+    check_cuda(cudaMemcpyAsync(buf, plan.records.data(), record_bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    if (chunk_bytes)
+      check_cuda(cudaMemcpyAsync(buf + record_bytes, plan.chunks.data(), chunk_bytes, cudaMemcpyHostToDevice, stream),
+                 "cudaMemcpyAsync");
+    DeviceTables t;
+    t.records = reinterpret_cast<const TensorRecord*>(buf);
+    t.chunks = reinterpret_cast<const ChunkRecord*>(buf + record_bytes);
+    t.terms = reinterpret_cast<AdamStepTerms*>(buf + terms_at);
+    t.n_tensors = n_tensors;
+    t.total_chunks = static_cast<int64_t>(plan.chunks.size());
+    t.chunk_elems = chunk_elems;
+    launch_adam(static_cast<DType>(param_dtype), static_cast<DType>(state_dtype), t, hyper, StepScalars{}, stream);
+    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  } catch (...) {
+    cudaFree(buf);
+    throw;
+  }
+  check_cuda(cudaFree(buf), "cudaFree");
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_adamw
 
+#if defined(FUSED_ADAMW_CUDA_EMULATION)
+PYBIND11_MODULE(_cuda_emu, m) {
+#else
 PYBIND11_MODULE(_cuda, m) {
+#endif
   namespace fc = fused_adamw::cuda;
   using fused_adamw::AdamHyper;
   using fused_adamw::SgdHyper;
@@ -193,7 +280,8 @@ PYBIND11_MODULE(_cuda, m) {
 
   fused_adamw::bind_hyper_structs(m);
 
-  py::class_<fc::Workspace>(m, "Workspace",
+  // module_local: _cuda and _cuda_emu bind the same C++ type.
+  py::class_<fc::Workspace>(m, "Workspace", py::module_local(),
                             "Device memory holding one (device, dtype) group's tables across steps. Creating one "
                             "touches no GPU; its memory is allocated by the first step and freed with it.")
       .def(py::init<int>(), py::arg("device_index"))
@@ -201,7 +289,10 @@ PYBIND11_MODULE(_cuda, m) {
       .def_property_readonly("uploads", &fc::Workspace::uploads, "how many times the tables were uploaded")
       .def_property_readonly("capacity_bytes", &fc::Workspace::capacity_bytes)
       .def_property_readonly("graph_owned", &fc::Workspace::graph_owned,
-                             "True once a step ran under CUDA-graph capture");
+                             "True once a step ran under CUDA-graph capture")
+      .def_property_readonly("graph_buffers", &fc::Workspace::graph_buffers,
+                             "table buffers kept for captured graphs (one per captured call)")
+      .def_property_readonly("chunk_elems", &fc::Workspace::chunk_elems, "the chunk size of the last eager call");
 
   // pybind11 keeps the docstring pointers: the strings must outlive the module's init.
   static const std::string common_args =
@@ -229,20 +320,34 @@ PYBIND11_MODULE(_cuda, m) {
         "The chunk plan of tensors of these sizes: dict of lists tensor/start/end per chunk, and blocks.");
   m.def(
       "plan_table",
-      [](int64_t table_addr, int64_t n_tensors, const AdamHyper& h) {
-        return fc::plan_table_py(fc::Algorithm::kAdam, table_addr, n_tensors, h.amsgrad);
+      [](int64_t table_addr, int64_t n_tensors, const AdamHyper& h, int64_t sm_count) {
+        return fc::plan_table_py(fc::Algorithm::kAdam, table_addr, n_tensors, h.amsgrad, sm_count);
       },
-      py::arg("table_addr"), py::arg("n_tensors"), py::arg("hyper"));
+      py::arg("table_addr"), py::arg("n_tensors"), py::arg("hyper"), py::arg("sm_count") = 0);
   m.def(
       "plan_table",
-      [](int64_t table_addr, int64_t n_tensors, const SgdHyper& h) {
-        return fc::plan_table_py(fc::Algorithm::kSgd, table_addr, n_tensors, h.momentum != 0.);
+      [](int64_t table_addr, int64_t n_tensors, const SgdHyper& h, int64_t sm_count) {
+        return fc::plan_table_py(fc::Algorithm::kSgd, table_addr, n_tensors, h.momentum != 0., sm_count);
       },
-      py::arg("table_addr"), py::arg("n_tensors"), py::arg("hyper"),
+      py::arg("table_addr"), py::arg("n_tensors"), py::arg("hyper"), py::arg("sm_count") = 0,
       "What a step would launch for a host address table, without touching the GPU: the chunk plan "
-      "(tensor/start/end, blocks) and per tensor whether the 16-byte path is taken (vector) and first_step. "
-      "Validates the table as a step does.");
+      "(tensor/start/end, blocks, chunk_elems) and per tensor whether the 16-byte path is taken (vector) and "
+      "first_step. Validates the table as a step does. sm_count 0: 64K-element chunks; else the chunk size a "
+      "step chooses on a device with that many SMs (and the overrides).");
   m.def("build_info", &fc::build_info, "archs, nvcc version, metadata scheme, chunk and block sizes.");
+  m.def("set_launch_overrides", &fc::set_launch_overrides, py::arg("chunk_elems") = 0, py::arg("max_blocks") = 0,
+        "Test knobs for later steps: force the chunk size (a multiple of 8) and cap the update kernel's grid "
+        "(blocks then loop over chunks); 0 restores the choice.");
+  m.def("launch_overrides", [] {
+    return py::make_tuple(fc::launch_overrides().chunk_elems, fc::launch_overrides().max_blocks);
+  });
+  m.def("adam_step_chunks", &fc::adam_step_chunks, py::arg("table_addr"), py::arg("n_tensors"),
+        py::arg("param_dtype"), py::arg("state_dtype"), py::arg("hyper"), py::arg("chunks"),
+        py::arg("chunk_elems"), py::arg("device_index"), py::arg("stream"),
+        "Test hook: one Adam step over the chunks (tensor, index) given, with this chunk size; synchronizes.");
   m.def("device_count", &fc::device_count, "CUDA devices visible (0 without a driver or GPU).");
   m.attr("CHUNK_ELEMS") = fc::kChunkElems;
+#if defined(FUSED_ADAMW_CUDA_EMULATION)
+  fused_adamw::emu::bind_emulation(m);
+#endif
 }

@@ -7,15 +7,18 @@
 // loads, converts to the math type (fp32; fp64 for fp64 params), calls the
 // shared update, converts back and stores.
 //
-// One launch per (device, dtype) group and step: one block per 64K-element
-// chunk of any tensor of the group (multi_tensor.cuh). Each block computes its
-// tensor's bias corrections from the step on the device (old step + 1) and
-// the learning rate (on the device when capturable), so a step makes no host
-// sync; the grid's last block increments the steps.
+// Two launches per (device, dtype) group and step (multi_tensor.cuh): the
+// step kernel (one thread per tensor) reads each tensor's step s, writes the
+// bias-correction terms of s + 1 (fp64, once per tensor) to the workspace and
+// s + 1 to the step; the update kernel, one block per chunk of any tensor of
+// the group, reads the terms and the learning rate (on the device when
+// capturable), so a step makes no host sync.
 //
-// Built into fused_adamw._cuda by CMakeLists.txt.
+// Built into fused_adamw._cuda (nvcc) and fused_adamw._cuda_emu (host
+// compiler, csrc/emulation/cuda_emulation.h) by CMakeLists.txt.
 #include "multi_tensor.cuh"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace fused_adamw {
@@ -78,36 +81,55 @@ __device__ __forceinline__ void adam_chunk(const TensorRecord& r, int64_t begin,
   }
 }
 
+// The step kernel: found_inf leaves the steps alone (and the update kernel
+// writes nothing either).
+__global__ void __launch_bounds__(kStepThreads)
+    adam_step_kernel(const DeviceTables t, const AdamHyper hyper, const StepScalars scalars) {
+  if (scalars.found_inf != nullptr && *scalars.found_inf != 0.f) return;
+  const double lr = scalars.lr != nullptr ? static_cast<double>(*scalars.lr) : hyper.lr;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < t.n_tensors; i += stride) {
+    float* step = t.records[i].step;
+    // The step after this call's increment, in float32 as torch counts it.
+    const float next = *step + 1.f;
+    t.terms[i] = adam_step_terms(hyper, lr, static_cast<double>(next));
+    *step = next;
+  }
+}
+
 template <typename P, typename S, bool kAmsgrad>
 __global__ void __launch_bounds__(kBlockThreads)
     adam_kernel(const DeviceTables t, const AdamHyper hyper, const StepScalars scalars) {
   using M = typename MathOf<P>::type;
-  // found_inf is read by every block and written by none, so all blocks
-  // return here together and the ticket is never touched.
+  // found_inf is read by every block and written by none.
   if (scalars.found_inf != nullptr && *scalars.found_inf != 0.f) return;
   const M grad_scale = scalars.grad_scale != nullptr ? static_cast<M>(*scalars.grad_scale) : M(1);
   const double lr = scalars.lr != nullptr ? static_cast<double>(*scalars.lr) : hyper.lr;
   for (int64_t c = blockIdx.x; c < t.total_chunks; c += gridDim.x) {
     const ChunkRecord chunk = t.chunks[c];
     const TensorRecord& r = t.records[chunk.tensor];
-    // The step after this call's increment, in float32 as torch counts it.
-    const float step = *r.step + 1.f;
-    AdamScalars<M> s = resolve_adam<M>(hyper, lr, static_cast<double>(step));
+    AdamScalars<M> s = resolve_adam<M>(hyper, lr, t.terms[chunk.tensor]);
     s.amsgrad = kAmsgrad;  // a compile-time constant for the update's branch
     int64_t begin, end;
-    chunk_range(chunk, r.numel, begin, end);
+    chunk_range(chunk, r.numel, t.chunk_elems, begin, end);
     adam_chunk<P, S, kAmsgrad>(r, begin, end, grad_scale, s);
   }
-  increment_steps_if_last(t);
 }
 
 template <typename P, typename S>
 void launch_typed(const DeviceTables& t, const AdamHyper& h, const StepScalars& sc, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned int>(launch_blocks(t.total_chunks)));
+  const int64_t step_blocks = std::min<int64_t>((t.n_tensors + kStepThreads - 1) / kStepThreads, 65535);
+  if (step_blocks > 0) {
+    FUSED_ADAMW_LAUNCH(static_cast<unsigned int>(step_blocks), kStepThreads, 0, stream, adam_step_kernel)(t, h, sc);
+    check_cuda(cudaGetLastError(), "adam_step_kernel launch");
+  }
+  const int64_t blocks = launch_blocks(t.total_chunks);
+  if (blocks == 0) return;  // every tensor is empty
+  const dim3 grid(static_cast<unsigned int>(blocks));
   if (h.amsgrad)
-    adam_kernel<P, S, true><<<grid, kBlockThreads, 0, stream>>>(t, h, sc);
+    FUSED_ADAMW_LAUNCH(grid, kBlockThreads, 0, stream, adam_kernel<P, S, true>)(t, h, sc);
   else
-    adam_kernel<P, S, false><<<grid, kBlockThreads, 0, stream>>>(t, h, sc);
+    FUSED_ADAMW_LAUNCH(grid, kBlockThreads, 0, stream, adam_kernel<P, S, false>)(t, h, sc);
   check_cuda(cudaGetLastError(), "adam_kernel launch");
 }
 

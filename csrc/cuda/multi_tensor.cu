@@ -1,10 +1,11 @@
 // multi_tensor.cu: host side of the CUDA backend's multi-tensor machinery
-// (declared and explained in multi_tensor.cuh): table validation and chunk
-// planning (plain C++, no GPU needed), CUDA error checking, and the workspace
-// that keeps a group's plan on the device and uploads it through kernel
-// parameters.
+// (declared and explained in multi_tensor.cuh): table validation, chunk-size
+// choice and chunk planning (plain C++, no GPU needed), CUDA error checking,
+// and the workspace that keeps a group's plan on the device, uploads it
+// through kernel parameters, and gives each captured call its own copy.
 //
-// Built into fused_adamw._cuda by CMakeLists.txt.
+// Built into fused_adamw._cuda (nvcc) and fused_adamw._cuda_emu (host
+// compiler, csrc/emulation/cuda_emulation.h) by CMakeLists.txt.
 #include "multi_tensor.cuh"
 
 #include <algorithm>
@@ -15,9 +16,18 @@ namespace cuda {
 
 namespace {
 
-// Bytes before the tensor records: the last-block ticket, padded so the
-// records start 256-byte aligned.
-constexpr size_t kHeaderBytes = 256;
+// Workspace layout: tensor records (64 B each, from offset 0, so 256-byte
+// aligned), chunk records (8 B each), then the step terms (16 B each) at the
+// next 16-byte boundary.
+size_t terms_offset(int64_t n_tensors, int64_t total_chunks) {
+  const size_t end = sizeof(TensorRecord) * static_cast<size_t>(n_tensors) +
+                     sizeof(ChunkRecord) * static_cast<size_t>(total_chunks);
+  return (end + 15) / 16 * 16;
+}
+
+size_t workspace_bytes(int64_t n_tensors, int64_t total_chunks) {
+  return terms_offset(n_tensors, total_chunks) + sizeof(AdamStepTerms) * static_cast<size_t>(n_tensors);
+}
 
 // Words one upload kernel carries in its parameters. Kernel parameters may
 // take 32764 bytes since CUDA 12.1 on sm_70 and newer; the blob below is
@@ -122,9 +132,34 @@ std::vector<ChunkRecord> plan_chunks(const std::vector<int64_t>& numels, int64_t
   return out;
 }
 
-int64_t launch_blocks(int64_t total_chunks) { return std::max<int64_t>(1, std::min(total_chunks, kMaxBlocks)); }
+LaunchOverrides& launch_overrides() {
+  static LaunchOverrides o;
+  return o;
+}
 
-HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state) {
+int64_t launch_blocks(int64_t total_chunks) {
+  const int64_t cap = launch_overrides().max_blocks > 0 ? launch_overrides().max_blocks : kMaxBlocks;
+  return std::min(total_chunks, cap);
+}
+
+int64_t choose_chunk_elems(const std::vector<int64_t>& numels, int sm_count) {
+  if (launch_overrides().chunk_elems > 0) return launch_overrides().chunk_elems;
+  int64_t total = 0, largest = 0;
+  for (int64_t n : numels) {
+    total += n;
+    largest = std::max(largest, n);
+  }
+  const int64_t target_blocks = std::max<int64_t>(1, sm_count) * kTargetBlocksPerSm;
+  const int64_t want = total / target_blocks + (total % target_blocks != 0);
+  int64_t chunk = kMinChunkElems;
+  while (chunk < want && chunk < kChunkElems) chunk *= 2;
+  // ChunkRecord::index is 32 bits.
+  while (largest / chunk >= static_cast<int64_t>(UINT32_MAX)) chunk *= 2;
+  return chunk;
+}
+
+HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state,
+                    int64_t chunk_elems, int sm_count) {
   if (n_tensors < 0) throw std::invalid_argument("n_tensors must be >= 0, got " + std::to_string(n_tensors));
   if (n_tensors > 0 && table == nullptr) throw std::invalid_argument("table_addr is 0 with n_tensors > 0");
   const bool adam = algo == Algorithm::kAdam;
@@ -173,7 +208,11 @@ HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, boo
       r.flags |= kFirstStep;
     }
   }
-  plan.chunks = plan_chunks(numels, kChunkElems);
+  plan.chunk_elems = chunk_elems > 0 ? chunk_elems : choose_chunk_elems(numels, sm_count);
+  if (plan.chunk_elems % kPackAlignElems != 0)
+    throw std::invalid_argument("chunk_elems must be a multiple of " + std::to_string(kPackAlignElems) + ", got " +
+                                std::to_string(plan.chunk_elems));
+  plan.chunks = plan_chunks(numels, plan.chunk_elems);
   return plan;
 }
 
@@ -201,7 +240,7 @@ DeviceGuard::~DeviceGuard() {
 // ------------------------------------------------------------------ workspace
 
 Workspace::~Workspace() {
-  if (buf_ == nullptr && last_use_ == nullptr) return;  // never touched the GPU
+  if (buf_ == nullptr && last_use_ == nullptr && graph_buffers_.empty()) return;  // never touched the GPU
   // No throwing here: errors (a CUDA runtime already unloaded at exit) are
   // ignored, and the memory goes with the process.
   int previous = -1;
@@ -212,43 +251,45 @@ Workspace::~Workspace() {
     cudaEventDestroy(last_use_);
   }
   if (buf_ != nullptr) cudaFree(buf_);
-  for (char* old : retired_) cudaFree(old);
+  for (char* g : graph_buffers_) cudaFree(g);
+  if (side_stream_ != nullptr) cudaStreamDestroy(side_stream_);
   if (switched) cudaSetDevice(previous);
+}
+
+int Workspace::sm_count() {
+  if (sm_count_ == 0)
+    check_cuda(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_),
+               "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)");
+  return sm_count_;
 }
 
 DeviceTables Workspace::tables() const {
   DeviceTables t;
-  t.done_blocks = reinterpret_cast<unsigned int*>(buf_);
-  t.records = reinterpret_cast<const TensorRecord*>(buf_ + kHeaderBytes);
-  t.chunks = reinterpret_cast<const ChunkRecord*>(buf_ + kHeaderBytes + sizeof(TensorRecord) * n_tensors_);
+  t.records = reinterpret_cast<const TensorRecord*>(buf_);
+  t.chunks = reinterpret_cast<const ChunkRecord*>(buf_ + sizeof(TensorRecord) * n_tensors_);
+  t.terms = reinterpret_cast<AdamStepTerms*>(buf_ + terms_offset(n_tensors_, total_chunks_));
   t.n_tensors = n_tensors_;
   t.total_chunks = total_chunks_;
+  t.chunk_elems = chunk_elems_;
   return t;
 }
 
-bool Workspace::ensure_capacity(size_t bytes, cudaStream_t stream, bool capturing) {
+bool Workspace::ensure_capacity(size_t bytes, cudaStream_t stream) {
   if (bytes <= capacity_ && buf_ != nullptr) return false;
+  (void)stream;
   // Grow by half again, so a group that grows a little each time does not
   // reallocate every time.
   size_t want = std::max(bytes, capacity_ + capacity_ / 2);
   want = (want + 4095) / 4096 * 4096;
   char* fresh = nullptr;
-  {
-    RelaxedCapture relaxed;
-    check_cuda(cudaMalloc(&fresh, want), "cudaMalloc (optimizer workspace)");
-  }
+  check_cuda(cudaMalloc(&fresh, want), "cudaMalloc (optimizer workspace)");
   if (buf_ != nullptr) {
-    if (graph_owned_ || capturing) {
-      retired_.push_back(buf_);  // a captured graph may still use it
-    } else {
-      if (launched_) check_cuda(cudaEventSynchronize(last_use_), "cudaEventSynchronize");
-      check_cuda(cudaFree(buf_), "cudaFree");
-    }
+    // The last launch that read the old tables must be done before they go.
+    if (launched_) check_cuda(cudaEventSynchronize(last_use_), "cudaEventSynchronize");
+    check_cuda(cudaFree(buf_), "cudaFree");
   }
   buf_ = fresh;
   capacity_ = want;
-  // The ticket starts at 0; the last block of every launch puts it back.
-  check_cuda(cudaMemsetAsync(buf_, 0, kHeaderBytes, stream), "cudaMemsetAsync");
   return true;
 }
 
@@ -261,55 +302,86 @@ void Workspace::upload(void* dst, const void* src, size_t bytes, cudaStream_t st
     blob.dst = out + at;
     blob.words = std::min(kUploadWords, words - at);
     std::memcpy(blob.data, in + at, static_cast<size_t>(blob.words) * sizeof(unsigned long long));
-    upload_kernel<<<1, kUploadThreads, 0, stream>>>(blob);
+    FUSED_ADAMW_LAUNCH(1, kUploadThreads, 0, stream, upload_kernel)(blob);
     check_cuda(cudaGetLastError(), "upload_kernel launch");
   }
 }
 
+DeviceTables Workspace::prepare_captured(const HostPlan& plan) {
+  // Everything here runs outside the graph: allocation and a synchronous copy
+  // on the private stream, with this thread's capture mode relaxed.
+  RelaxedCapture relaxed;
+  const int64_t n = static_cast<int64_t>(plan.records.size());
+  const int64_t chunks = static_cast<int64_t>(plan.chunks.size());
+  char* buf = nullptr;
+  check_cuda(cudaMalloc(&buf, workspace_bytes(n, chunks)), "cudaMalloc (captured tables)");
+  graph_buffers_.push_back(buf);
+  if (side_stream_ == nullptr)
+    check_cuda(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+  const size_t record_bytes = sizeof(TensorRecord) * static_cast<size_t>(n);
+  if (record_bytes)
+    check_cuda(cudaMemcpyAsync(buf, plan.records.data(), record_bytes, cudaMemcpyHostToDevice, side_stream_),
+               "cudaMemcpyAsync (captured tables)");
+  if (chunks)
+    check_cuda(cudaMemcpyAsync(buf + record_bytes, plan.chunks.data(), sizeof(ChunkRecord) * plan.chunks.size(),
+                               cudaMemcpyHostToDevice, side_stream_),
+               "cudaMemcpyAsync (captured tables)");
+  check_cuda(cudaStreamSynchronize(side_stream_), "cudaStreamSynchronize (captured tables)");
+  ++uploads_;
+  DeviceTables t;
+  t.records = reinterpret_cast<const TensorRecord*>(buf);
+  t.chunks = reinterpret_cast<const ChunkRecord*>(buf + record_bytes);
+  t.terms = reinterpret_cast<AdamStepTerms*>(buf + terms_offset(n, chunks));
+  t.n_tensors = n;
+  t.total_chunks = chunks;
+  t.chunk_elems = plan.chunk_elems;
+  return t;
+}
+
 DeviceTables Workspace::prepare(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state,
                                 cudaStream_t stream) {
-  const bool capturing = stream_capturing(stream);
-  // A launch of this workspace on another stream may still read the tables
-  // or hold the ticket: order this call after it.
-  if (!capturing && launched_ && stream != last_stream_)
+  if (stream_capturing(stream))
+    return prepare_captured(plan_table(algo, table, n_tensors, third_state, 0, sm_count()));
+  // A launch of this workspace on another stream may still read the tables:
+  // order this call after it.
+  if (launched_ && stream != last_stream_)
     check_cuda(cudaStreamWaitEvent(stream, last_use_, 0), "cudaStreamWaitEvent");
 
   const size_t table_words = static_cast<size_t>(n_tensors * table_cols(algo));
-  const bool same_shape = valid_ && algo == algo_ && third_state == third_state_ && n_tensors == n_tensors_;
-  if (same_shape && !graph_owned_ && !capturing &&
-      std::memcmp(mirror_.data(), table, table_words * sizeof(int64_t)) == 0)
-    return tables();
+  const bool same_shape = valid_ && algo == algo_ && third_state == third_state_ && n_tensors == n_tensors_ &&
+                          chunk_override_ == launch_overrides().chunk_elems;
+  if (same_shape && std::memcmp(mirror_.data(), table, table_words * sizeof(int64_t)) == 0) return tables();
 
-  HostPlan plan = plan_table(algo, table, n_tensors, third_state);  // throws before anything changes
+  // throws before anything changes
+  HostPlan plan = plan_table(algo, table, n_tensors, third_state, 0, sm_count());
   const int64_t cols = table_cols(algo);
-  bool same_numels = same_shape;
-  for (int64_t i = 0; same_numels && i < n_tensors; ++i) same_numels = mirror_[i * cols] == table[i * cols];
+  bool same_chunks = same_shape && plan.chunk_elems == chunk_elems_;
+  for (int64_t i = 0; same_chunks && i < n_tensors; ++i) same_chunks = mirror_[i * cols] == table[i * cols];
 
   valid_ = false;
+  const int64_t total_chunks = static_cast<int64_t>(plan.chunks.size());
   const size_t record_bytes = sizeof(TensorRecord) * plan.records.size();
   const size_t chunk_bytes = sizeof(ChunkRecord) * plan.chunks.size();
-  const bool moved = ensure_capacity(kHeaderBytes + record_bytes + chunk_bytes, stream, capturing);
-  if (record_bytes) upload(buf_ + kHeaderBytes, plan.records.data(), record_bytes, stream);
+  const bool moved = ensure_capacity(workspace_bytes(n_tensors, total_chunks), stream);
+  if (record_bytes) upload(buf_, plan.records.data(), record_bytes, stream);
   // The chunk table depends on the sizes only, so an address change (new
   // grads after zero_grad(set_to_none=True)) uploads the records alone.
-  if (chunk_bytes && (moved || !same_numels || graph_owned_ || capturing))
-    upload(buf_ + kHeaderBytes + record_bytes, plan.chunks.data(), chunk_bytes, stream);
+  if (chunk_bytes && (moved || !same_chunks)) upload(buf_ + record_bytes, plan.chunks.data(), chunk_bytes, stream);
   ++uploads_;
 
   mirror_.assign(table, table + table_words);
   algo_ = algo;
   third_state_ = third_state;
   n_tensors_ = n_tensors;
-  total_chunks_ = static_cast<int64_t>(plan.chunks.size());
+  total_chunks_ = total_chunks;
+  chunk_elems_ = plan.chunk_elems;
+  chunk_override_ = launch_overrides().chunk_elems;
   valid_ = true;
   return tables();
 }
 
 void Workspace::finish(cudaStream_t stream) {
-  if (stream_capturing(stream)) {
-    graph_owned_ = true;
-    return;
-  }
+  if (stream_capturing(stream)) return;  // the graph owns its own tables
   if (last_use_ == nullptr)
     check_cuda(cudaEventCreateWithFlags(&last_use_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   check_cuda(cudaEventRecord(last_use_, stream), "cudaEventRecord");

@@ -1,42 +1,59 @@
 // multi_tensor.cuh: the multi-tensor machinery of the CUDA backend
 // (fused_adamw._cuda): the address-table columns, the host-side plan (per-tensor
 // records and a chunk table over every tensor of a (device, dtype) group), the
-// device-resident workspace that holds the plan across steps, and the device
-// helpers (dtype conversion, 16-byte packs, the end-of-grid step increment)
-// that adam_cuda.cu and sgd_cuda.cu share.
+// device-resident workspace that holds the plan across steps, the launch macro
+// and the device helpers (dtype conversion, 16-byte packs, chunk ranges) that
+// adam_cuda.cu and sgd_cuda.cu share.
 //
 // Follows ../shared/DESIGN.md, "Native interface" and "Multi-tensor plan". The
 // per-element math is not here: the kernels call resolve_*() and *_update()
 // of csrc/include/fused_adamw/update.h.
 //
-// Built by CMakeLists.txt ("_cuda") with every csrc/cuda/*.cu into one module;
-// planning is plain C++ that tests/test_cuda_host.py checks on machines without
-// a GPU through _cuda.plan_chunks / _cuda.plan_table.
+// Built by CMakeLists.txt twice from the same sources: "_cuda" with nvcc, and
+// "_cuda_emu" with the host compiler and -DFUSED_ADAMW_CUDA_EMULATION, which
+// swaps <cuda_runtime.h> for csrc/emulation/cuda_emulation.h (kernels run on
+// host memory; tests/test_cuda_emulation.py). Planning is plain C++ that
+// tests/test_cuda_host.py checks through _cuda.plan_chunks / _cuda.plan_table.
 //
-// One launch per group and step, whatever the number of tensors:
+// One update launch per group and step, whatever the number of tensors:
 //   * metadata scheme: a device-resident table, not kernel-parameter metadata.
 //     32 KB of parameters hold about 500 tensors (64 bytes each) and no chunk
 //     table, so big models would need several launches or an in-kernel
 //     search; the device table has no size limit, and the kernel reads one
-//     8-byte chunk record and one 64-byte tensor record per 64K-element chunk
-//     (under 0.01% of the chunk's traffic). It is rebuilt only when an address,
-//     size or flag in the host table changes (the host compares the whole
-//     table, a memcmp, each step).
-//   * upload: the changed table travels to the device as the parameters of
-//     small copy kernels (32 KB each, CUDA 12.1+ on sm_70+), not through a
-//     pinned buffer and cudaMemcpyAsync. Kernel parameters are copied at
-//     launch (and into the graph at capture), so there is no host buffer whose
-//     reuse must wait for an earlier copy, no host sync, and the upload is
-//     stream-ordered and capturable as it is.
-//   * steps: every block reads its tensor's old step s and uses s + 1; the
-//     last block of the grid to finish (an atomic ticket) adds 1 to every
-//     step, after all readers are done. One launch; a second tiny launch would
-//     cost a few microseconds per step for nothing.
+//     8-byte chunk record and one 64-byte tensor record per chunk. It is
+//     rebuilt only when an address, size or flag in the host table changes
+//     (the host compares the whole table, a memcmp, each step).
+//   * eager upload: the changed table travels to the device as the parameters
+//     of small copy kernels (32 KB each, CUDA 12.1+ on sm_70+), not through a
+//     pinned buffer and cudaMemcpyAsync: kernel parameters are copied at
+//     launch, so there is no host buffer whose reuse must wait for an earlier
+//     copy and no host sync.
+//   * capture: a call under stream capture copies its tables, outside the
+//     graph, into a buffer of their own that the graph keeps (allocated and
+//     filled with the capture relaxed, on the workspace's private stream), so
+//     the captured step is the step kernel and the update kernel, nothing
+//     else, and replays upload nothing. Eager calls keep their own buffer.
+//   * steps (Adam): a small first kernel, one thread per tensor, reads the
+//     step s, computes the bias-correction terms of s + 1 in fp64 once per
+//     tensor (two pow) into the workspace, and writes s + 1; the update kernel
+//     reads the terms. Instead of a last-block atomic ticket that every block
+//     paid for, with a counter a graph had to keep consistent: the increment
+//     happens exactly once per tensor, in stream order, and found_inf skips
+//     both kernels' writes.
+//   * grid shape: the chunk size is chosen per call from the group's element
+//     count and the device's SM count (choose_chunk_elems), so a 2**20-element
+//     group fills an H100 instead of running 16 blocks.
 #pragma once
 
+#if defined(FUSED_ADAMW_CUDA_EMULATION)
+#include "cuda_emulation.h"  // defines FUSED_ADAMW_LAUNCH as a host launcher
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// The one launch syntax of the kernels' sources (a host launcher under emulation).
+#define FUSED_ADAMW_LAUNCH(grid, block, shmem, stream, ...) __VA_ARGS__<<<grid, block, shmem, stream>>>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -69,27 +86,44 @@ enum RecordFlag : uint32_t {
   kFirstStep = 1u << 1,      // SGD: the momentum buffer has no history yet
 };
 
-// Elements per chunk; one block per chunk. A 64K-element chunk of fp32 AdamW
-// moves 1.75 MB, so the per-chunk setup (two record loads, the bias
-// corrections) vanishes; a multiple of every pack width, so packs never
-// straddle a chunk.
-constexpr int64_t kChunkElems = int64_t{1} << 16;
+// Elements per chunk; one block per chunk (blocks loop when the grid is
+// capped). The chunk size is chosen per call (choose_chunk_elems) between
+// kMinChunkElems and kChunkElems: a 64K-element chunk of fp32 AdamW moves
+// 1.75 MB, so the per-chunk setup (two record loads) vanishes for big groups,
+// while smaller chunks give small groups enough blocks for every SM. Any
+// multiple of kPackAlignElems works (packs never straddle a chunk).
+constexpr int64_t kChunkElems = int64_t{1} << 16;  // the largest chosen (and plan_chunks' default)
+constexpr int64_t kMinChunkElems = int64_t{1} << 12;
+constexpr int64_t kPackAlignElems = 8;  // the widest pack: 8 16-bit elements
 constexpr int kBlockThreads = 512;
+// Blocks per SM the chunk choice aims for. The update kernels use 28-62
+// registers on sm_90 (-Xptxas -v; tests/test_cuda_host.py keeps them <= 64),
+// so 2 to 4 512-thread blocks are resident per SM (65536 registers): 8 is 2
+// to 4 waves. Unmeasured on a GPU yet (benchmarks/gpu_check.sh, grid_shape).
+constexpr int64_t kTargetBlocksPerSm = 8;
 constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit; the kernels loop past it
 constexpr int kPackBytes = 16;
+constexpr int kStepThreads = 256;  // the step kernel's block (one thread per tensor)
+
+// Test knobs (module function set_launch_overrides): 0 keeps the choice.
+struct LaunchOverrides {
+  int64_t chunk_elems = 0;  // force this chunk size (a multiple of kPackAlignElems)
+  int64_t max_blocks = 0;   // cap the update kernel's grid, so blocks loop over chunks
+};
+LaunchOverrides& launch_overrides();
 
 // One tensor, as the kernels see it (64 bytes, so a record is two sectors).
 struct TensorRecord {
   void* ptr[kSlots];
   int64_t numel;
-  float* step;  // Adam only
+  float* step;  // Adam only; read and written by the step kernel alone
   uint32_t flags;
   uint32_t reserved;
 };
 static_assert(sizeof(TensorRecord) == 64, "TensorRecord must stay 64 bytes");
 
-// One chunk: elements [index * kChunkElems, min((index + 1) * kChunkElems, numel))
-// of tensor `tensor`.
+// One chunk: elements [index * chunk_elems, min((index + 1) * chunk_elems, numel))
+// of tensor `tensor` (64-bit products: index * chunk_elems passes 2**31).
 struct ChunkRecord {
   uint32_t tensor;
   uint32_t index;
@@ -100,6 +134,7 @@ static_assert(sizeof(ChunkRecord) == 8, "ChunkRecord must stay 8 bytes");
 struct HostPlan {
   std::vector<TensorRecord> records;
   std::vector<ChunkRecord> chunks;
+  int64_t chunk_elems = kChunkElems;
 };
 
 // Chunks of tensors with these sizes, in tensor order (tensor i's chunks
@@ -107,13 +142,20 @@ struct HostPlan {
 // counts the records cannot hold.
 std::vector<ChunkRecord> plan_chunks(const std::vector<int64_t>& numels, int64_t chunk_elems);
 
+// The chunk size of a call: about kTargetBlocksPerSm blocks per SM for the
+// group's elements, a power of two in [kMinChunkElems, kChunkElems] (larger
+// only when a tensor would need more than 2**32 chunks); the override wins.
+int64_t choose_chunk_elems(const std::vector<int64_t>& numels, int sm_count);
+
 // Validates a host address table (row by row, naming the row and column) and
 // builds its records and chunks. `third_state`: amsgrad (Adam) or momentum != 0
-// (SGD), i.e. whether max_exp_avg_sq / momentum_buffer is used.
-HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state);
+// (SGD), i.e. whether max_exp_avg_sq / momentum_buffer is used. chunk_elems
+// 0: choose_chunk_elems for `sm_count` SMs.
+HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state,
+                    int64_t chunk_elems = kChunkElems, int sm_count = 0);
 
-// Blocks of the launch for this many chunks (at least 1: the last block
-// increments the steps even when every tensor is empty).
+// Blocks of the update launch for this many chunks (0: no launch), capped by
+// the max_blocks override.
 int64_t launch_blocks(int64_t total_chunks);
 
 // The storage types of a (param, state) dtype pair, as tags for a generic
@@ -168,9 +210,10 @@ class DeviceGuard {
 struct DeviceTables {
   const TensorRecord* records;
   const ChunkRecord* chunks;
-  unsigned int* done_blocks;  // the last-block ticket; 0 between launches
+  AdamStepTerms* terms;  // Adam: per tensor, written by the step kernel, read by the update
   int64_t n_tensors;
   int64_t total_chunks;
+  int64_t chunk_elems;
 };
 
 // Device addresses of the per-call scalars, nullptr when absent.
@@ -184,12 +227,12 @@ struct StepScalars {
 // per (device, dtype) bucket in its cache, so the memory lives as long as the
 // optimizer's bucket. Not thread-safe: calls hold the GIL.
 //
-// CUDA graphs: a call under stream capture always uploads (so every replay
-// first restores its own tables), allocates with the capture relaxed (the
-// memory belongs to the workspace, as torch's allocator does it), and marks
-// the workspace graph-owned: from then on eager calls upload every time too
-// (a replay may have overwritten the tables behind the host's back) and
-// buffers outgrown are kept, not freed, until the workspace dies.
+// CUDA graphs: a call under stream capture allocates a buffer of its own
+// (with the capture relaxed; the memory belongs to the workspace, as torch's
+// allocator does it), fills it outside the graph through the workspace's
+// private stream, and keeps it until the workspace dies: replays find their
+// tables where the capture left them, and eager calls go on with their own
+// buffer and cache.
 class Workspace {
  public:
   explicit Workspace(int device) : device_(device) {}
@@ -200,7 +243,9 @@ class Workspace {
   int device() const { return device_; }
   int64_t uploads() const { return uploads_; }
   int64_t capacity_bytes() const { return static_cast<int64_t>(capacity_); }
-  bool graph_owned() const { return graph_owned_; }
+  bool graph_owned() const { return !graph_buffers_.empty(); }
+  int64_t graph_buffers() const { return static_cast<int64_t>(graph_buffers_.size()); }
+  int64_t chunk_elems() const { return chunk_elems_; }
 
   // With device() current: the device tables for this host table on stream,
   // validated, planned and uploaded only when it differs from the last one.
@@ -210,19 +255,24 @@ class Workspace {
   void finish(cudaStream_t stream);
 
  private:
-  bool ensure_capacity(size_t bytes, cudaStream_t stream, bool capturing);
+  bool ensure_capacity(size_t bytes, cudaStream_t stream);
   void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream);
+  DeviceTables prepare_captured(const HostPlan& plan);
   DeviceTables tables() const;
+  int sm_count();
 
   int device_;
   char* buf_ = nullptr;
   size_t capacity_ = 0;
-  std::vector<char*> retired_;
+  std::vector<char*> graph_buffers_;  // one per captured call, kept for the graphs' replays
+  cudaStream_t side_stream_ = nullptr;  // fills graph buffers outside the capture
   cudaEvent_t last_use_ = nullptr;
   cudaStream_t last_stream_ = nullptr;
   bool launched_ = false;
-  bool graph_owned_ = false;
   bool valid_ = false;
+  int sm_count_ = 0;
+  int64_t chunk_elems_ = 0;
+  int64_t chunk_override_ = 0;
   Algorithm algo_ = Algorithm::kAdam;
   bool third_state_ = false;
   int64_t n_tensors_ = -1;
@@ -240,7 +290,7 @@ void launch_sgd(DType param, DType state, const DeviceTables& tables, const SgdH
 
 // ------------------------------------------------------------------ device helpers
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(FUSED_ADAMW_CUDA_EMULATION)
 
 // Storage <-> math conversions (round to nearest even on the way back).
 template <typename T>
@@ -299,35 +349,13 @@ __device__ __forceinline__ void store_pack(T* dst, const T (&src)[W]) {
 }
 
 // The chunk's element range.
-__device__ __forceinline__ void chunk_range(const ChunkRecord& c, int64_t numel, int64_t& begin, int64_t& end) {
-  begin = static_cast<int64_t>(c.index) * kChunkElems;
-  end = begin + kChunkElems < numel ? begin + kChunkElems : numel;
+__device__ __forceinline__ void chunk_range(const ChunkRecord& c, int64_t numel, int64_t chunk_elems,
+                                            int64_t& begin, int64_t& end) {
+  begin = static_cast<int64_t>(c.index) * chunk_elems;
+  end = begin + chunk_elems < numel ? begin + chunk_elems : numel;
 }
 
-// Called by every block when it has finished all its chunks: the last block
-// of the grid adds 1 to every tensor's step. Every block read the old steps
-// before its ticket (the __syncthreads and the fence order them), so no block
-// can see a step already incremented. The last block resets the ticket, which
-// keeps the workspace ready for the next launch and for graph replays.
-__device__ __forceinline__ void increment_steps_if_last(const DeviceTables& t) {
-  __shared__ bool s_last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const unsigned int ticket = atomicAdd(t.done_blocks, 1u);
-    s_last = ticket == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int64_t i = threadIdx.x; i < t.n_tensors; i += blockDim.x) {
-    float* step = t.records[i].step;
-    *step = *step + 1.f;
-  }
-  if (threadIdx.x == 0) *t.done_blocks = 0u;
-}
-
-#endif  // __CUDACC__
+#endif  // __CUDACC__ || FUSED_ADAMW_CUDA_EMULATION
 
 }  // namespace cuda
 }  // namespace fused_adamw

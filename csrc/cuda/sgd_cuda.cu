@@ -9,7 +9,8 @@
 // One launch per (device, dtype) group and step over the chunk table of
 // multi_tensor.cuh. SGD keeps no step count, so there is no end-of-grid work.
 //
-// Built into fused_adamw._cuda by CMakeLists.txt.
+// Built into fused_adamw._cuda (nvcc) and fused_adamw._cuda_emu (host
+// compiler, csrc/emulation/cuda_emulation.h) by CMakeLists.txt.
 #include "multi_tensor.cuh"
 
 #include <stdexcept>
@@ -74,18 +75,20 @@ __global__ void __launch_bounds__(kBlockThreads)
     const ChunkRecord chunk = t.chunks[c];
     const TensorRecord& r = t.records[chunk.tensor];
     int64_t begin, end;
-    chunk_range(chunk, r.numel, begin, end);
+    chunk_range(chunk, r.numel, t.chunk_elems, begin, end);
     sgd_chunk<P, S, kMomentum>(r, begin, end, grad_scale, s);
   }
 }
 
 template <typename P, typename S>
 void launch_typed(const DeviceTables& t, const SgdHyper& h, const StepScalars& sc, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned int>(launch_blocks(t.total_chunks)));
+  const int64_t blocks = launch_blocks(t.total_chunks);
+  if (blocks == 0) return;  // every tensor is empty
+  const dim3 grid(static_cast<unsigned int>(blocks));
   if (h.momentum != 0.)
-    sgd_kernel<P, S, true><<<grid, kBlockThreads, 0, stream>>>(t, h, sc);
+    FUSED_ADAMW_LAUNCH(grid, kBlockThreads, 0, stream, sgd_kernel<P, S, true>)(t, h, sc);
   else
-    sgd_kernel<P, S, false><<<grid, kBlockThreads, 0, stream>>>(t, h, sc);
+    FUSED_ADAMW_LAUNCH(grid, kBlockThreads, 0, stream, sgd_kernel<P, S, false>)(t, h, sc);
   check_cuda(cudaGetLastError(), "sgd_kernel launch");
 }
 

@@ -29,6 +29,9 @@ if(NOT FUSED_ADAMW_HOST STREQUAL "OFF")
     set_target_properties(_host PROPERTIES
       LIBRARY_OUTPUT_DIRECTORY ${FUSED_ADAMW_OUTPUT_DIR}
       BUILD_RPATH "${FA_TORCH_DIR}/lib" INSTALL_RPATH "${FA_TORCH_DIR}/lib")
+    if(COMMAND fa_sanitize)
+      fa_sanitize(_host)
+    endif()
     list(APPEND FA_BUILT "_host (torch ${FA_TORCH_VERSION})")
   elseif(FUSED_ADAMW_HOST STREQUAL "ON")
     message(FATAL_ERROR "FUSED_ADAMW_HOST=ON but ${Python_EXECUTABLE} cannot import torch "

@@ -9,6 +9,11 @@ kernel serves; plan.py picks it per tensor, users cannot ask for it).
 torch on any other device (meta, mps, xpu ...). Backends import lazily; one
 that failed to import is not an error until it is asked for, and then its
 stored import error is raised with the reason.
+
+Both GPU backends also run on CPU tensors for tests, when asked for by name
+("auto" on CPU tensors stays cpu): triton under TRITON_INTERPRET=1, cuda under
+FUSED_ADAMW_CUDA_EMULATION=1 (the emulated module fused_adamw._cuda_emu, see
+backend_cuda.py). Both variables are read at each resolution.
 """
 from __future__ import annotations
 
@@ -71,12 +76,29 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _cuda_emulated() -> bool:
+    return os.environ.get("FUSED_ADAMW_CUDA_EMULATION", "0") not in ("", "0")
+
+
+def _cuda_native_error(device: torch.device):
+    """Why backend cuda cannot serve `device` (its native module is missing),
+    or None when it can. Loads the backend."""
+    module = _load("cuda")
+    if module is None:
+        return _errors["cuda"]
+    try:
+        module.native_module(device)
+    except (ImportError, ValueError) as exc:
+        return exc
+    return None
+
+
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Backends that can update parameters on `device`, best first."""
     device = torch.device(device)
     names = []
     if device.type == "cuda":
-        if _load("cuda") is not None:
+        if _cuda_native_error(device) is None:
             names.append("cuda")
         if _load("triton") is not None:
             names.append("triton")
@@ -85,6 +107,8 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
             names.append("cpu")
         if _triton_interpreted() and _load("triton") is not None:
             names.append("triton")
+        if _cuda_emulated() and _cuda_native_error(device) is None:
+            names.append("cuda")
     names.append("torch")
     return names
 
@@ -100,9 +124,10 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     """The backend that serves `device` for the requested name."""
     if requested == "auto":
         if device.type == "cuda":
-            for name in ("cuda", "triton"):
-                if _load(name) is not None:
-                    return name
+            if _cuda_native_error(device) is None:
+                return "cuda"
+            if _load("triton") is not None:
+                return "triton"
             return "torch"
         if device.type == "cpu":
             backend_module("cpu")  # raises with the reason if the build is broken
@@ -110,8 +135,20 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         return "torch"
     if requested == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' cannot update parameters on {device}; use backend='auto'")
-    if requested == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' cannot update parameters on {device}; use backend='auto'")
+    if requested == "cuda":
+        if device.type != "cuda" and not (device.type == "cpu" and _cuda_emulated()):
+            raise ValueError(f"backend='cuda' cannot update parameters on {device}; use backend='auto' "
+                             "(CPU tensors run the CUDA kernels only emulated: FUSED_ADAMW_CUDA_EMULATION=1)")
+        backend_module("cuda")
+        err = _cuda_native_error(device)
+        if err is not None:
+            raise BackendUnavailableError(
+                f"backend='cuda' is not available on {device}: {type(err).__name__}: {err}. "
+                + ("fused_adamw._cuda_emu is built wherever CUDA's headers are found at install time"
+                   if device.type == "cpu" else
+                   "fused_adamw._cuda is built only where nvcc is found at install time (FUSED_ADAMW_CUDA=ON to insist)")
+            ) from err
+        return requested
     if requested == "triton" and device.type != "cuda":
         if not (device.type == "cpu" and _triton_interpreted()):
             raise ValueError(

@@ -114,9 +114,24 @@ struct SgdScalars {
   bool nesterov, maximize, use_l2, use_decay, use_momentum;
 };
 
+// The step-dependent terms of resolve_adam (its two pow), in double: the
+// CUDA backend computes them once per tensor in its step kernel.
+struct AdamStepTerms {
+  double step_size;  // lr / (1 - beta1^t)
+  double bc2_sqrt;   // sqrt(1 - beta2^t)
+};
+
 // step: the tensor's step count after this step's increment (t >= 1).
+FUSED_ADAMW_HD AdamStepTerms adam_step_terms(const AdamHyper& h, double lr, double step) {
+  AdamStepTerms terms;
+  terms.step_size = lr / (1. - pow(h.beta1, step));
+  terms.bc2_sqrt = sqrt(1. - pow(h.beta2, step));
+  return terms;
+}
+
+// resolve_adam with the step terms computed already (the same values).
 template <typename T>
-FUSED_ADAMW_HD AdamScalars<T> resolve_adam(const AdamHyper& h, double lr, double step) {
+FUSED_ADAMW_HD AdamScalars<T> resolve_adam(const AdamHyper& h, double lr, const AdamStepTerms& terms) {
   AdamScalars<T> s;
   s.beta1 = static_cast<T>(h.beta1);
   s.beta2 = static_cast<T>(h.beta2);
@@ -127,11 +142,17 @@ FUSED_ADAMW_HD AdamScalars<T> resolve_adam(const AdamHyper& h, double lr, double
   s.use_decay = h.decoupled && h.decay_coeff != 0.;
   s.l2 = static_cast<T>(s.use_l2 ? h.weight_decay : 0.);
   s.keep = static_cast<T>(s.use_decay ? 1. - lr * h.decay_coeff : 1.);
-  s.step_size = static_cast<T>(lr / (1. - pow(h.beta1, step)));
-  s.bc2_sqrt = static_cast<T>(sqrt(1. - pow(h.beta2, step)));
+  s.step_size = static_cast<T>(terms.step_size);
+  s.bc2_sqrt = static_cast<T>(terms.bc2_sqrt);
   s.amsgrad = h.amsgrad;
   s.maximize = h.maximize;
   return s;
+}
+
+// step: the tensor's step count after this step's increment (t >= 1).
+template <typename T>
+FUSED_ADAMW_HD AdamScalars<T> resolve_adam(const AdamHyper& h, double lr, double step) {
+  return resolve_adam<T>(h, lr, adam_step_terms(h, lr, step));
 }
 
 template <typename T>
