@@ -3,10 +3,15 @@
   * device checks and launch sizes (compiled on CUDA, or the Triton
     interpreter on CPU tensors when TRITON_INTERPRET=1 was set before triton
     was imported);
+  * the device guard every launch runs under (the params' device, not the
+    current one);
   * the device copy of a batch's address table (built by the plan,
-    python/fused_adamw/plan.py) and its chunk table, kept in the batch's
-    resources across steps (one int64 row of element count and addresses
-    per tensor; a chunk row is (tensor row, first element));
+    python/fused_adamw/plan.py; one int64 row of element count and addresses
+    per tensor, plus a column of this backend's own: whether the tensor takes
+    the 16-byte vector path) and its chunk table (a row is (tensor row, first
+    element)), kept in the batch's resources across steps and uploaded from
+    pinned host buffers (Staging), so that an upload neither syncs the host
+    nor breaks a CUDA graph capture;
   * small @triton.jit helpers that the kernels call to mirror
     csrc/include/fused_adamw/update.h exactly: IEEE-rounded sqrt and division
     (Triton's plain fp32 `/` and tl.sqrt are approximate on NVIDIA GPUs, the
@@ -19,10 +24,13 @@ and sgd_step.
 """
 from __future__ import annotations
 
+import contextlib
+import enum
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -86,52 +94,193 @@ def check_scalar(name: str, t: Optional[torch.Tensor], device: torch.device) -> 
         )
 
 
+def device_guard(device: torch.device):
+    """The context every launch of a batch runs in. Triton launches on the
+    current CUDA device and its current stream, which need not be the params'
+    (on a second GPU: an illegal address); on CPU tensors (the interpreter)
+    there is nothing to switch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether work enqueued now goes into a CUDA graph under capture."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class Vector(enum.IntEnum):
+    """Which tensors of a launch take the 16-byte vector path (the kernels'
+    VECTOR constexpr). A tensor does when every address the update reads or
+    writes through (param, grad, state; not the step count, read once per
+    program) is a multiple of 16 bytes: the rule of the CUDA backend's
+    kVectorAligned (csrc/cuda/multi_tensor.cu, plan_table)."""
+    NONE = 0        # none does: scalar code only
+    PER_TENSOR = 1  # some do: each program reads its tensor's flag and takes one of two paths
+    ALL = 2         # all do: vector code only, no flag read
+
+
+class CopyDone:
+    """The completion marker of a copy between CPU tensors, which is done when
+    copy_ returns (the interpreter). On CUDA: torch.cuda.Event."""
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class Staging:
+    """The host side of a batch's table uploads; one per batch.resources (the
+    plan's (backend, device, dtype)).
+
+    An upload fills a host buffer and enqueues one non_blocking copy to a new
+    device tensor on the current stream. On CUDA the buffer is pinned: a copy
+    from pageable memory would sync the host on every upload and is illegal
+    while a CUDA graph is being captured. A buffer must outlive the copy that
+    reads it:
+      * eager: the buffer goes back to `ring` with an event recorded after the
+        copy, and is refilled only once that event has completed (a new buffer
+        is allocated meanwhile; completed ones beyond SPARE are dropped);
+      * under capture the copy becomes a graph node that every replay runs
+        again, reading the buffer as it is then: the buffer stays in `kept` for
+        as long as the plan keeps its resources, never refilled, never queried
+        (event queries are illegal during a capture).
+    On CPU tensors (the interpreter) the buffers are plain memory and each
+    copy is complete when copy_ returns."""
+
+    SPARE = 2
+
+    def __init__(self, device: torch.device) -> None:
+        self.pinned = device.type == "cuda"
+        self.event = torch.cuda.Event if self.pinned else CopyDone
+        self.ring: list = []   # (buffer, event after the copy that reads it), oldest first
+        self.kept: list = []   # whatever a captured graph reads on replay
+
+    def upload(self, shape: tuple, fill, device: torch.device, captured: bool) -> torch.Tensor:
+        """A new int64 tensor of `shape` on `device`, holding what fill(buffer)
+        wrote into a host buffer of that shape."""
+        buf = self._new(shape) if captured else self._reuse(shape)
+        fill(buf)
+        out = torch.empty(shape, dtype=torch.int64, device=device)
+        out.copy_(buf, non_blocking=True)
+        if captured:
+            self.kept.append(buf)
+        else:
+            done = self.event()
+            done.record()
+            self.ring.append((buf, done))
+            self._trim()
+        return out
+
+    def _new(self, shape: tuple) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.int64, pin_memory=self.pinned)
+
+    def _reuse(self, shape: tuple) -> torch.Tensor:
+        for i, (buf, done) in enumerate(self.ring):
+            if buf.shape == shape and done.query():
+                del self.ring[i]
+                return buf
+        return self._new(shape)
+
+    def _trim(self) -> None:
+        completed = [id(slot) for slot in self.ring if slot[1].query()]
+        drop = set(completed[:-self.SPARE])
+        if drop:
+            self.ring = [slot for slot in self.ring if id(slot) not in drop]
+
+
 @dataclass
 class Tables:
-    """The device copies of one batch's address table, and its chunk table.
+    """The device tables of one batch at one table version.
 
-    table: int64 [n, ncols] on the params' device (the batch's own host table
-    on CPU); chunks: int64 [n_chunks, 2] of (row, first element); aligned:
-    every address column is a multiple of 16 bytes (vector loads)."""
-    key: tuple
+    table: int64 [n, ncols] on the params' device: the batch's host table
+    (plan.Batch.table, _native.py's columns) plus one last column of this
+    backend's own, 1 where the row's tensor takes the vector path (Vector);
+    chunks: int64 [n_chunks, 2] of (row, first element); vector: the launch's
+    Vector mode. Never written after the upload that made them, so a CUDA
+    graph captured with them reads the same addresses on every replay, while
+    eager steps move on to new versions."""
+    key: tuple      # (id(batch), chunk size)
+    version: int    # batch.version the table holds
     table: torch.Tensor
     chunks: torch.Tensor
-    aligned: bool
+    vector: int
+
+    @property
+    def ncols(self) -> int:
+        return self.table.shape[1]
 
 
-def _chunk_table(numels: list[int], chunk: int, device: torch.device) -> torch.Tensor:
+def _chunk_table(numels: list[int], chunk: int) -> torch.Tensor:
     n = torch.tensor(numels, dtype=torch.int64)
     per_tensor = (n + chunk - 1) // chunk
     rows = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), per_tensor)
     first = torch.cumsum(per_tensor, 0) - per_tensor
     starts = (torch.arange(rows.numel(), dtype=torch.int64) - first[rows]) * chunk
-    return torch.stack([rows, starts], dim=1).contiguous().to(device)
+    return torch.stack([rows, starts], dim=1)
+
+
+def vector_rows(host: np.ndarray, address_cols: Sequence[int]) -> tuple[np.ndarray, Vector]:
+    """Per row of a host table, whether its tensor takes the vector path (every
+    address in address_cols a multiple of 16 bytes; empty tensors, which read
+    nothing, count as aligned), and the launch's Vector mode, decided by the
+    rows with elements. NumPy: a few microseconds, where torch's small CPU ops
+    cost tens (hundreds on a busy machine)."""
+    aligned = (host[:, list(address_cols)] % _ALIGN_BYTES == 0).all(axis=1)
+    live = host[:, 0] > 0   # column 0: numel, in every table
+    aligned |= ~live
+    n_live, n_aligned = int(live.sum()), int((aligned & live).sum())
+    mode = Vector.ALL if n_aligned == n_live else Vector.NONE if n_aligned == 0 else Vector.PER_TENSOR
+    return aligned, mode
 
 
 def tables(batch, config: LaunchConfig, address_cols: Sequence[int]) -> Tables:
-    """The tables of `batch` (plan.Batch), derived from its host table and
-    kept in batch.resources while the batch and its table version stay the
-    same: a new version (a grad or param moved) costs one host-to-device copy;
-    a new batch (the plan rebuilt) also a new chunk table."""
-    key = (id(batch), batch.version, config.chunk)
-    entry = batch.resources.get("triton_tables")
-    if entry is not None and entry.key == key:
+    """The device tables of `batch` (plan.Batch) at its current table version.
+
+    Kept in batch.resources while the batch and its version stay: a new
+    version (a grad or param moved) costs one upload of the address table
+    into a new device tensor, a new batch (the plan rebuilt) also one of the
+    chunk table (Staging). Call under device_guard(batch.device).
+
+    During a CUDA graph capture: the cached tables when they are current
+    (then the captured step holds the update kernels only), kept for the
+    graph; otherwise tables uploaded by the graph itself, which hold nothing
+    until it replays and so are never cached for eager steps."""
+    device = batch.device
+    captured = _capturing(device)
+    key = (id(batch), config.chunk)
+    resources = batch.resources
+    entry = resources.get("triton_tables")
+    if entry is not None and entry.key == key and entry.version == batch.version:
+        if captured and not any(k is entry for k in resources["triton_staging"].kept):
+            resources["triton_staging"].kept.append(entry)
         return entry
-    host = batch.table
-    if entry is not None and entry.key[0] == id(batch) and entry.key[2] == config.chunk:
+    staging = resources.get("triton_staging")
+    if staging is None:
+        staging = resources["triton_staging"] = Staging(device)
+    host = batch.table.numpy()
+    n, ncols = host.shape
+    if entry is not None and entry.key == key:
         chunks = entry.chunks   # same tensors, same sizes: only addresses moved
-        if entry.table is not host:
-            entry.table.copy_(host)
-        table = entry.table
     else:
-        table = host if batch.device.type == "cpu" else host.to(batch.device)
-        chunks = _chunk_table(host[:, 0].tolist(), config.chunk, batch.device)
-    aligned = bool((host[:, list(address_cols)] % _ALIGN_BYTES == 0).all())
-    entry = Tables(key=key, table=table, chunks=chunks, aligned=aligned)
+        rows = _chunk_table(host[:, 0].tolist(), config.chunk)
+        chunks = staging.upload(tuple(rows.shape), lambda buf: buf.copy_(rows), device, captured)
+    aligned, mode = vector_rows(host, address_cols)
+
+    def fill(buf: torch.Tensor) -> None:
+        out = buf.numpy()
+        out[:, :ncols] = host
+        out[:, ncols] = aligned
+
+    table = staging.upload((n, ncols + 1), fill, device, captured)
+    new = Tables(key=key, version=batch.version, table=table, chunks=chunks, vector=int(mode))
+    if captured:
+        staging.kept.append(new)
+        return new
+    resources["triton_tables"] = new
     # The batch itself is held, so that its id cannot be reused while cached.
-    batch.resources["triton_tables"] = entry
-    batch.resources["triton_batch"] = batch
-    return entry
+    resources["triton_batch"] = batch
+    return new
 
 
 # ------------------------------------------------------------------ kernels
@@ -229,10 +378,10 @@ def _bump_steps_kernel(table, n_rows, found_inf_ptr, NCOLS: tl.constexpr, STEP_C
 _BUMP_BLOCK = 256
 
 
-def bump_steps(t: Tables, n_rows: int, found_inf: Optional[torch.Tensor], ncols: int, step_col: int) -> None:
+def bump_steps(t: Tables, n_rows: int, found_inf: Optional[torch.Tensor], step_col: int) -> None:
     grid = (triton.cdiv(n_rows, _BUMP_BLOCK),)
     _bump_steps_kernel[grid](
         t.table, n_rows, found_inf if found_inf is not None else t.table,
-        NCOLS=ncols, STEP_COL=step_col, HAS_FOUND_INF=found_inf is not None, BLOCK=_BUMP_BLOCK,
+        NCOLS=t.ncols, STEP_COL=step_col, HAS_FOUND_INF=found_inf is not None, BLOCK=_BUMP_BLOCK,
         num_warps=4, enable_fp_fusion=True,
     )

@@ -9,9 +9,12 @@ does. ../shared/DESIGN.md states the rule; python/fused_adamw/hyper.py the
 launcher's contract.
 
 Layout: an int64 address table, one row per tensor (DESIGN.md's Adam table:
-numel, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step addresses), and
-a chunk table of (row, first element); program i updates chunk i. Both live
-on the device and are cached across steps (_common.tables).
+numel, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step addresses, and
+this backend's vector flag), and a chunk table of (row, first element);
+program i updates chunk i. Both live on the device and are cached across
+steps (_common.tables). A tensor whose param, grad and state addresses are all
+16-byte aligned takes the vector path (unmasked full blocks with alignment
+hints), decided per tensor as in the CUDA backend (_common.Vector).
 
 Steps: every program reads its tensor's step s from memory and uses t = s + 1;
 a second, tiny launch (_common.bump_steps) then writes s + 1. Stream order
@@ -51,7 +54,11 @@ _C_EXP_AVG = tl.constexpr(AdamColumn.EXP_AVG.value)
 _C_EXP_AVG_SQ = tl.constexpr(AdamColumn.EXP_AVG_SQ.value)
 _C_MAX_EXP_AVG_SQ = tl.constexpr(AdamColumn.MAX_EXP_AVG_SQ.value)
 _C_STEP = tl.constexpr(AdamColumn.STEP.value)
-_C_NCOLS = tl.constexpr(_NCOLS)
+# The device table (_common.tables) appends one column: the row's vector flag.
+_C_ALIGNED = tl.constexpr(_NCOLS)
+_C_NCOLS = tl.constexpr(_NCOLS + 1)
+_VEC_ALL = tl.constexpr(int(_common.Vector.ALL))
+_VEC_PER_TENSOR = tl.constexpr(int(_common.Vector.PER_TENSOR))
 
 
 @device_helper
@@ -88,22 +95,18 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, grad_scale,
     _store(v_ptr, offs, v, mask, MASKED)
 
 
-@triton.jit
-def _adam_kernel(table, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr,
-                 lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64,
-                 weight_decay: tl.float64, decay_coeff: tl.float64,
-                 log_beta1: tl.float64, log_beta2: tl.float64,
+@device_helper
+def _adam_tensor(rec, start, end, grad_scale,
+                 beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, keep, step_size, bc2_sqrt,
                  PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, MATH: tl.constexpr,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
-                 HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """Program i updates chunk i: CHUNK elements (fewer at a tensor's end) of
-    one tensor, in full BLOCKs without masks, then one masked tail."""
-    pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunks + 2 * pid)
-    start = tl.load(chunks + 2 * pid + 1)
-    rec = table + row * _C_NCOLS
-    numel = tl.load(rec + _C_NUMEL)
+                 HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements [start, end) of the tensor of table row `rec`: full BLOCKs
+    without masks, then one masked tail. ALIGNED: every address of the row is
+    a multiple of 16 bytes, and the hints below let the full blocks' loads
+    and stores vectorise. The addresses are loaded here, not by the caller:
+    tl.multiple_of marks the op that produced its operand, so each call's
+    hints stay on its own loads, and an unaligned call never inherits them."""
     p_ptr = tl.load(rec + _C_PARAM).to(tl.pointer_type(PARAM_DTYPE))
     g_ptr = tl.load(rec + _C_GRAD).to(tl.pointer_type(PARAM_DTYPE))
     m_ptr = tl.load(rec + _C_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
@@ -115,6 +118,40 @@ def _adam_kernel(table, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr,
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
         vmax_ptr = tl.multiple_of(vmax_ptr, 16)
+    n_full = (end - start) // BLOCK
+    lanes = tl.arange(0, BLOCK)
+    for i in range(0, n_full):
+        offs = start + i * BLOCK + lanes
+        if ALIGNED:
+            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, grad_scale,
+                    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, keep, step_size, bc2_sqrt,
+                    MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE, False)
+    tail = start + n_full * BLOCK
+    if tail < end:
+        offs = tail + lanes
+        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, grad_scale,
+                    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, keep, step_size, bc2_sqrt,
+                    MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE, True)
+
+
+@triton.jit
+def _adam_kernel(table, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr,
+                 lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64,
+                 weight_decay: tl.float64, decay_coeff: tl.float64,
+                 log_beta1: tl.float64, log_beta2: tl.float64,
+                 PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, MATH: tl.constexpr,
+                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, USE_L2: tl.constexpr, USE_DECAY: tl.constexpr,
+                 HAS_LR_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                 VECTOR: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Program i updates chunk i: CHUNK elements (fewer at a tensor's end) of
+    one tensor, on the vector path where VECTOR (a _common.Vector) and the
+    tensor's row say so."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks + 2 * pid)
+    start = tl.load(chunks + 2 * pid + 1)
+    rec = table + row * _C_NCOLS
+    numel = tl.load(rec + _C_NUMEL)
     step_ptr = tl.load(rec + _C_STEP).to(tl.pointer_type(tl.float32))
 
     # update.h's resolve_adam: float64 scalars, cast once to the math type.
@@ -143,21 +180,27 @@ def _adam_kernel(table, chunks, lr_ptr, grad_scale_ptr, found_inf_ptr,
     if HAS_FOUND_INF:
         # Inf / NaN in the grads: no element is read or written.
         end = tl.where(tl.load(found_inf_ptr) == 0, end, start)
-    n_full = (end - start) // BLOCK
-    lanes = tl.arange(0, BLOCK)
-    for i in range(0, n_full):
-        offs = start + i * BLOCK + lanes
-        if ALIGNED:
-            offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, grad_scale,
-                    b1, b2, one_minus_beta1, one_minus_beta2, eps_m, l2, keep, step_size, bc2_sqrt,
-                    MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE, False)
-    tail = start + n_full * BLOCK
-    if tail < end:
-        offs = tail + lanes
-        _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, grad_scale,
-                    b1, b2, one_minus_beta1, one_minus_beta2, eps_m, l2, keep, step_size, bc2_sqrt,
-                    MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE, True)
+    if VECTOR == _VEC_ALL:
+        _adam_tensor(rec, start, end, grad_scale,
+                     b1, b2, one_minus_beta1, one_minus_beta2, eps_m, l2, keep, step_size, bc2_sqrt,
+                     PARAM_DTYPE, STATE_DTYPE, MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE,
+                     True, BLOCK)
+    elif VECTOR == _VEC_PER_TENSOR:
+        if tl.load(rec + _C_ALIGNED) != 0:
+            _adam_tensor(rec, start, end, grad_scale,
+                         b1, b2, one_minus_beta1, one_minus_beta2, eps_m, l2, keep, step_size, bc2_sqrt,
+                         PARAM_DTYPE, STATE_DTYPE, MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE,
+                         True, BLOCK)
+        else:
+            _adam_tensor(rec, start, end, grad_scale,
+                         b1, b2, one_minus_beta1, one_minus_beta2, eps_m, l2, keep, step_size, bc2_sqrt,
+                         PARAM_DTYPE, STATE_DTYPE, MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE,
+                         False, BLOCK)
+    else:
+        _adam_tensor(rec, start, end, grad_scale,
+                     b1, b2, one_minus_beta1, one_minus_beta2, eps_m, l2, keep, step_size, bc2_sqrt,
+                     PARAM_DTYPE, STATE_DTYPE, MATH, AMSGRAD, MAXIMIZE, USE_L2, USE_DECAY, HAS_GRAD_SCALE,
+                     False, BLOCK)
 
 
 def _log(beta: float) -> float:
@@ -166,8 +209,11 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
+# The addresses that decide a tensor's vector path: what the update loads and
+# stores per element. Not the step count (one scalar load per program); an
+# absent max_exp_avg_sq is 0, aligned.
 _ADDRESS_COLS = (AdamColumn.PARAM, AdamColumn.GRAD, AdamColumn.EXP_AVG, AdamColumn.EXP_AVG_SQ,
-                  AdamColumn.MAX_EXP_AVG_SQ, AdamColumn.STEP)
+                  AdamColumn.MAX_EXP_AVG_SQ)
 
 
 def adam_step(batch, hyper: AdamHyper, *, grad_scale: Optional[torch.Tensor] = None,
@@ -184,24 +230,25 @@ def adam_step(batch, hyper: AdamHyper, *, grad_scale: Optional[torch.Tensor] = N
     if hyper.amsgrad and batch.max_exp_avg_sqs is None:
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     math_dtype = tl.float64 if batch.dtype == torch.float64 else tl.float32
-    t = _common.tables(batch, config, _ADDRESS_COLS)
-    n_chunks = t.chunks.shape[0]
-    if n_chunks > 0:
-        dummy = t.table  # stands in for absent scalar tensors; never read
-        _adam_kernel[(n_chunks,)](
-            t.table, t.chunks,
-            lr_tensor if lr_tensor is not None else dummy,
-            grad_scale if grad_scale is not None else dummy,
-            found_inf if found_inf is not None else dummy,
-            float(hyper.lr) if lr_tensor is None else 0.0, float(hyper.beta1), float(hyper.beta2),
-            float(hyper.eps), float(hyper.weight_decay), float(hyper.decay_coeff),
-            _log(float(hyper.beta1)), _log(float(hyper.beta2)),
-            PARAM_DTYPE=_common.TL_DTYPE[batch.dtype], STATE_DTYPE=_common.TL_DTYPE[batch.state_dtype],
-            MATH=math_dtype, AMSGRAD=bool(hyper.amsgrad), MAXIMIZE=bool(hyper.maximize),
-            USE_L2=(not hyper.decoupled) and hyper.weight_decay != 0.0,
-            USE_DECAY=bool(hyper.decoupled) and hyper.decay_coeff != 0.0,
-            HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, ALIGNED=t.aligned,
-            BLOCK=config.block, CHUNK=config.chunk, **config.options(),
-        )
-    _common.bump_steps(t, n, found_inf, _NCOLS, int(AdamColumn.STEP))
+    with _common.device_guard(device):  # tables and launches on the params' device
+        t = _common.tables(batch, config, _ADDRESS_COLS)
+        n_chunks = t.chunks.shape[0]
+        if n_chunks > 0:
+            dummy = t.table  # stands in for absent scalar tensors; never read
+            _adam_kernel[(n_chunks,)](
+                t.table, t.chunks,
+                lr_tensor if lr_tensor is not None else dummy,
+                grad_scale if grad_scale is not None else dummy,
+                found_inf if found_inf is not None else dummy,
+                float(hyper.lr) if lr_tensor is None else 0.0, float(hyper.beta1), float(hyper.beta2),
+                float(hyper.eps), float(hyper.weight_decay), float(hyper.decay_coeff),
+                _log(float(hyper.beta1)), _log(float(hyper.beta2)),
+                PARAM_DTYPE=_common.TL_DTYPE[batch.dtype], STATE_DTYPE=_common.TL_DTYPE[batch.state_dtype],
+                MATH=math_dtype, AMSGRAD=bool(hyper.amsgrad), MAXIMIZE=bool(hyper.maximize),
+                USE_L2=(not hyper.decoupled) and hyper.weight_decay != 0.0,
+                USE_DECAY=bool(hyper.decoupled) and hyper.decay_coeff != 0.0,
+                HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None, VECTOR=t.vector,
+                BLOCK=config.block, CHUNK=config.chunk, **config.options(),
+            )
+        _common.bump_steps(t, n, found_inf, int(AdamColumn.STEP))
