@@ -67,10 +67,10 @@ def _step_traces_to_the_op() -> bool:
     return OPS["adam"] in _graph_ops(out.graphs)
 
 
-_HOOK = _step_traces_to_the_op()
-needs_hook = pytest.mark.skipif(
-    not _HOOK, reason="optim.py does not call fused_adamw.ops under torch.compile (issue 13's "
-                      "/tmp/issue13_plan.patch not applied): Dynamo traces the plan instead")
+def test_the_optimizer_step_traces_to_the_op():
+    """optim.py calls fused_adamw.ops under torch.compile (else Dynamo would
+    trace the plan, with its native calls, piece by piece)."""
+    assert _step_traces_to_the_op()
 
 
 def _params(seed=0, dtype=torch.float32):
@@ -145,7 +145,6 @@ def test_ops_validate_their_lists():
 
 # ---------------------------------------------------------------- compiled opt.step()
 
-@needs_hook
 @pytest.mark.parametrize("name", list(CASES))
 def test_compiled_step_is_one_op_without_graph_breaks(name):
     params = _params(dtype=_dtype(name))
@@ -161,7 +160,6 @@ def test_compiled_step_is_one_op_without_graph_breaks(name):
     assert not [t for t in called if t != want and "fused_adamw" in str(t)]
 
 
-@needs_hook
 @pytest.mark.parametrize("name", list(CASES))
 def test_compiled_step_equals_eager(name):
     """Inductor, fullgraph: exactly the eager step (the same backend call), params
@@ -179,7 +177,6 @@ def test_compiled_step_equals_eager(name):
         _assert_same(opt_a, pa, opt_b, pb)
 
 
-@needs_hook
 @pytest.mark.parametrize("lr_kind", ["tensor", "float-schedule"])
 def test_compiled_step_under_an_lr_scheduler_equals_eager(lr_kind):
     """The lr changes every step (warm restarts): still the eager results,
@@ -220,7 +217,6 @@ def test_compiled_step_under_an_lr_scheduler_equals_eager(lr_kind):
         assert len(graphs) <= 2, f"{len(graphs)} graphs: the tensor lr should not recompile"
 
 
-@needs_hook
 def test_a_group_the_ops_do_not_take_runs_the_eager_step_behind_one_break():
     """Complex params (updated through their real view by the eager plan):
     that group runs the eager step behind one graph break, the other group
@@ -276,7 +272,6 @@ def test_training_a_compiled_model_equals_torch_optim():
             torch.testing.assert_close(p, q, **TRAJECTORY[torch.float32].kw)
 
 
-@needs_hook
 # Dynamo reads .grad of a param it holds as a non-leaf in the frame it resumes
 # after backward(), and warns; torch.optim.AdamW in the same function draws
 # the same warning (torch 2.13), which pytest would make an error.
@@ -305,3 +300,26 @@ def test_a_compiled_train_step_with_the_optimizer_inside_equals_eager():
         torch.testing.assert_close(la, lb, **TRAJECTORY[torch.float32].kw)
         for p, q in zip(ma.parameters(), mb.parameters()):
             torch.testing.assert_close(p, q, **TRAJECTORY[torch.float32].kw)
+
+
+def test_a_first_sgd_momentum_step_skipped_by_found_inf_leaves_no_buffer():
+    """GradScaler's found_inf skips the first momentum step: no buffer may be
+    left behind (torch starts it from the next step's grad), which matters
+    with dampening."""
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(10, dtype=torch.float64, generator=gen)
+    ga, gb = torch.randn(10, dtype=torch.float64, generator=gen), torch.randn(10, dtype=torch.float64, generator=gen)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    q = torch.nn.Parameter(p0.clone())
+    ref = torch.optim.SGD([q], **kw)
+    q.grad = gb.clone()
+    ref.step()
+    ref.step()
+    p = torch.nn.Parameter(p0.clone())
+    opt = fa.SGD([p], backend="cpu", **kw)
+    step = torch.compile(opt.step, backend="eager")
+    for g, inf in ((ga, 1.0), (gb, 0.0), (gb, 0.0)):
+        p.grad = g.clone()
+        opt.grad_scale, opt.found_inf = None, torch.tensor([inf])
+        step()
+    torch.testing.assert_close(p.detach(), q.detach(), **TRAJECTORY[torch.float64].kw)

@@ -17,7 +17,9 @@ same init, same batches per rank):
   * a DCP checkpoint saved by fused_adamw.AdamW resumes in torch.optim.AdamW
     and the other way round, equal to the uninterrupted run;
   * a group of DTensor params next to a group of plain params works; a
-    DTensor param with plain state is a clear error.
+    DTensor param with plain state is a clear error;
+  * one group whose DTensors live on two meshes (a 1-D mesh, and a 2-D
+    HSDP-style mesh) equals torch.optim.
 
 Each test spawns 2 processes (torch.multiprocessing, no torchrun) that meet
 through a file store in the test's tmp_path (no port to pick, none to race
@@ -209,6 +211,39 @@ def _fsdp_matches_torch(rank: int) -> None:
 
 def test_fsdp2_training_equals_torch_optim(tmp_path):
     _launch(tmp_path, _fsdp_matches_torch)
+
+
+def _shard_on_two_meshes(model: Net) -> Net:
+    """l1 sharded over a 1-D mesh of both ranks (Shard(0)); l2 on a 2-D mesh
+    (2 x 1: replicated over the ranks, sharded over a dimension of size 1, as
+    HSDP lays it out); the rest on the 1-D mesh. One param group then holds
+    DTensors of two meshes and two placements."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    flat = init_device_mesh("cpu", (WORLD,))
+    hsdp = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    fully_shard(model.l1, mesh=flat)
+    fully_shard(model.l2, mesh=hsdp)
+    fully_shard(model, mesh=flat)
+    return model
+
+
+def _mixed_meshes(rank: int) -> None:
+    import fused_adamw as fa
+    a, b = _shard_on_two_meshes(_net()), _shard_on_two_meshes(_net())
+    meshes = {p.device_mesh.ndim for p in a.parameters()}
+    assert meshes == {1, 2}, meshes
+    opt_a = fa.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(STEPS):
+        _train_step(a, opt_a, rank, step)
+        _train_step(b, opt_b, rank, step)
+        _assert_params(a, b, f"two meshes, step {step}")
+    _assert_state(opt_a, opt_b, list(a.parameters()), list(b.parameters()), "two meshes")
+
+
+def test_fsdp2_params_on_two_meshes_in_one_group_equal_torch_optim(tmp_path):
+    _launch(tmp_path, _mixed_meshes)
 
 
 def _run(make_opt, steps, model=None, opt=None, start=0, rank=0):

@@ -437,7 +437,7 @@ def test_steady_steps_take_the_host_path(host_path):
     _assert_same(ours, theirs)
 
 
-def test_host_path_follows_new_grad_addresses_and_moved_params(host_path):
+def test_host_path_follows_new_grad_addresses_and_revalidates_moved_params(host_path):
     ours, opt, theirs, topt = _pair([(32,), (4, 4)])
     _steps(ours, opt, theirs, topt, 2)
     pl = _plan_of(opt)
@@ -452,8 +452,11 @@ def test_host_path_follows_new_grad_addresses_and_moved_params(host_path):
     ours[0].data = new.clone()
     theirs[0].data = new.clone()
     _steps(ours, opt, theirs, topt, 2, seed=5)
-    assert pl.rebuilds == 1
-    assert int(table[0, 1]) == ours[0].data_ptr()
+    assert pl.rebuilds == 2            # a param at a new address is validated again, once
+    assert int(pl._buckets[0].batch._array[0, 1]) == ours[0].data_ptr()
+    _steps(ours, opt, theirs, topt, 2, seed=7)
+    assert pl.rebuilds == 2
+    assert (pl._host is not None and pl._host_used) == (plan._HOST is not None)
     _assert_same(ours, theirs)
 
 
@@ -470,3 +473,107 @@ def test_host_path_declines_what_it_cannot_check():
     q.grad = torch.randn(2, 3, 4, 4)   # contiguous: copied into the param's layout
     opt2.step()
     assert _plan_of(opt2)._host is None
+
+
+# ---------------------------------------------------------------- tensors whose memory is not their values
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["grad", "param"])
+def test_negative_views_follow_torch(backend, where):
+    """A negative view (torch._neg_view: the values are minus the memory) as
+    grad or as param: torch's ops honour the flag, a kernel reading the
+    address would not, so these go to torch's functional code."""
+    ours, opt, theirs, topt = _pair([(4, 5), (6,)], backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(4):
+        if where == "param" and k == 1:
+            for t in (ours[0], theirs[0]):
+                t.data = torch._neg_view(-t.data)
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape, dtype=torch.float64, generator=gen)
+            a.grad = torch._neg_view(-g) if where == "grad" else g.clone()
+            b.grad = g.clone()
+        opt.step()
+        topt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach().resolve_neg(), b.detach().resolve_neg(), **TRAJECTORY[torch.float64].kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first", [True, False])
+def test_zero_tensor_grads_follow_torch(backend, first):
+    """An efficient zero tensor as grad (no memory: address 0), on the first
+    step or after normal ones."""
+    ours, opt, theirs, topt = _pair([(4, 5), (3,)], backend=backend)
+    for k in range(3):
+        for a, b in zip(ours, theirs):
+            if k >= 1 or first:
+                a.grad = torch._efficientzerotensor(a.shape, dtype=torch.float64)
+                b.grad = torch._efficientzerotensor(b.shape, dtype=torch.float64)
+            else:
+                a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        opt.step()
+        topt.step()
+    _assert_same(ours, theirs)
+
+
+def test_batch_refuses_negative_and_zero_views():
+    p, g = torch.randn(5), torch.randn(5)
+    st = dict(exp_avgs=[torch.zeros(5)], exp_avg_sqs=[torch.zeros(5)], max_exp_avg_sqs=None, steps=[torch.zeros(())])
+    with pytest.raises(ValueError, match=r"grads\[0\] is a negative, conjugate or zero view"):
+        plan.Batch.adam([p], [torch._neg_view(g)], **st)
+    with pytest.raises(ValueError, match=r"grads\[0\] is a negative, conjugate or zero view"):
+        plan.Batch.adam([p], [torch._efficientzerotensor(5)], **st)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_moved_onto_another_params_memory_is_refused(backend):
+    """p1.data = a view overlapping p0 after the build: the new address is
+    validated like the old ones (the overlap check), not only written."""
+    base = torch.randn(20, dtype=torch.float64)
+    p0 = base[:10].clone().requires_grad_()
+    p1 = base[10:].clone().requires_grad_()
+    opt = fa.AdamW([p0, p1], backend=backend)
+    for t in (p0, p1):
+        t.grad = torch.randn_like(t)
+    opt.step()
+    p1.data = p0.data.view(10)                 # p0's own memory
+    for t in (p0, p1):
+        t.grad = torch.randn_like(t)
+    with pytest.raises(ValueError, match="overlap in memory"):
+        opt.step()
+
+
+def test_storage_shrunk_under_a_grad_is_not_read(host_path):
+    """A grad's storage resized below its extent between steps: the C++ pass
+    sees it (storage bytes vs extent) and the Python path's guard takes over;
+    nothing reads past the new storage (run under the sanitizers in CI)."""
+    p = torch.randn(4096, dtype=torch.float64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt, topt = fa.AdamW([p], backend="cpu"), torch.optim.AdamW([q])
+    g = torch.randn(4096, dtype=torch.float64)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    topt.step()
+    pl = _plan_of(opt)
+    if host_path == "c++":
+        p.grad = g.clone()
+        p.grad.untyped_storage().resize_(64)   # the tensor still says 4096 elements
+        assert pl._host.refresh(opt.param_groups[0]["params"]) == -1
+
+
+def test_refresher_takes_part_in_the_cycle_collector(host_path):
+    """A param that holds its optimizer (p.opt = opt) makes a cycle through
+    the plan's C++ refresher: the collector frees it."""
+    import gc
+    import weakref
+    p = torch.randn(1000, requires_grad=True)
+    opt = fa.AdamW([p], backend="cpu")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    p.opt = opt
+    ref = weakref.ref(opt)
+    del p, opt
+    gc.collect()
+    assert ref() is None

@@ -49,14 +49,34 @@ struct Refresher {
   std::vector<c10::TensorImpl*>* scratch;  // refresh()'s two levels of pointers, kept between calls
 };
 
-void refresher_dealloc(PyObject* self_) {
+// The Refresher holds the group's params and tables, and a param can hold
+// the optimizer (p.opt = opt), so it takes part in the cycle collector.
+int refresher_traverse(PyObject* self_, visitproc visit, void* arg) {
+  auto* self = reinterpret_cast<Refresher*>(self_);
+  if (self->entries)
+    for (Entry& e : *self->entries) Py_VISIT(e.obj);
+  Py_VISIT(self->tables);
+  return 0;
+}
+
+int refresher_clear(PyObject* self_) {
   auto* self = reinterpret_cast<Refresher*>(self_);
   if (self->entries) {
-    for (Entry& e : *self->entries) Py_XDECREF(e.obj);
-    delete self->entries;
+    std::vector<Entry>* entries = self->entries;
+    self->entries = nullptr;  // refresh() now refuses: "not initialised"
+    for (Entry& e : *entries) Py_XDECREF(e.obj);
+    delete entries;
   }
+  Py_CLEAR(self->tables);
+  return 0;
+}
+
+void refresher_dealloc(PyObject* self_) {
+  auto* self = reinterpret_cast<Refresher*>(self_);
+  PyObject_GC_UnTrack(self_);
+  refresher_clear(self_);
   delete[] self->scratch;
-  Py_XDECREF(self->tables);
+  self->scratch = nullptr;
   Py_TYPE(self_)->tp_free(self_);
 }
 
@@ -73,7 +93,17 @@ bool plain(const c10::TensorImpl& t) {
          !impl->key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python,
                                                        c10::DispatchKey::PythonTLSSnapshot,
                                                        c10::DispatchKey::Conjugate,
-                                                       c10::DispatchKey::Negative}));
+                                                       c10::DispatchKey::Negative,
+                                                       c10::DispatchKey::ZeroTensor}));
+}
+
+// Whether t's storage still holds every element t spans (a dense tensor spans
+// numel elements from its offset): a storage shrunk under the tensor
+// (t.untyped_storage().resize_(n)) fails this.
+bool covered(const c10::TensorImpl& t) {
+  const c10::Storage& st = t.unsafe_storage();
+  auto need = (static_cast<uint64_t>(t.storage_offset()) + static_cast<uint64_t>(t.numel())) * t.itemsize();
+  return static_cast<uint64_t>(st.nbytes()) >= need;
 }
 
 // Refresher(params, has, cells, tables)
@@ -231,7 +261,7 @@ PyObject* refresher_refresh(PyObject* self_, PyObject* params) {
       if (g.defined() != e.has_grad) return PyLong_FromLong(-1);
       if (!e.has_grad) continue;
       if (!plain(*p) || p->dtype() != e.dtype || p->device() != e.device || !same_shape(p->sizes(), e.sizes) ||
-          !same_shape(p->strides(), e.strides) || p->data() != e.data)
+          !same_shape(p->strides(), e.strides) || p->data() != e.data || !covered(*p))
         return PyLong_FromLong(-1);
       grads[i] = g.unsafeGetTensorImpl();
       __builtin_prefetch(grads[i]);
@@ -243,7 +273,7 @@ PyObject* refresher_refresh(PyObject* self_, PyObject* params) {
       c10::TensorImpl* g = grads[i];
       if (!g) continue;
       if (!plain(*g) || g->dtype() != e.dtype || g->device() != e.device || !same_shape(g->sizes(), e.sizes) ||
-          (e.numel > 1 && !same_shape(g->strides(), e.strides)))
+          (e.numel > 1 && !same_shape(g->strides(), e.strides)) || !covered(*g))
         return PyLong_FromLong(-1);
       auto addr = static_cast<int64_t>(reinterpret_cast<intptr_t>(g->data()));
       if (*e.grad_cell != addr) {
@@ -283,8 +313,12 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_host",
 PyMODINIT_FUNC PyInit__host(void) {
   RefresherType.tp_name = "fused_adamw._host.Refresher";
   RefresherType.tp_basicsize = sizeof(Refresher);
-  RefresherType.tp_flags = Py_TPFLAGS_DEFAULT;
+  RefresherType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+  RefresherType.tp_traverse = refresher_traverse;
+  RefresherType.tp_clear = refresher_clear;
   RefresherType.tp_new = PyType_GenericNew;
+  RefresherType.tp_alloc = PyType_GenericAlloc;
+  RefresherType.tp_free = PyObject_GC_Del;
   RefresherType.tp_init = refresher_init;
   RefresherType.tp_dealloc = refresher_dealloc;
   RefresherType.tp_methods = refresher_methods;

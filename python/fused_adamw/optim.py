@@ -398,6 +398,12 @@ class _FusedOptimizer(Optimizer):
         self._check_hyper(view)
         hyper = self._hyper(view)
         state = self.state
+        if (self.ALGO == "sgd" and found_inf is not None and float(group["momentum"]) != 0.0
+                and any(state.get(p, {}).get("momentum_buffer") is None for p in params)):
+            # A first momentum step under a GradScaler: if found_inf skips it,
+            # no buffer may be left behind (torch starts the buffer from the
+            # next step's grad), which the plan's eager step handles.
+            return False
         with torch.no_grad():
             if self.ALGO == "adam":
                 names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")

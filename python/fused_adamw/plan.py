@@ -104,7 +104,15 @@ def host_path() -> str:
 
 def _meta(t: torch.Tensor) -> tuple:
     strided = t.layout == torch.strided
-    return (t.layout, t.dtype, t.device, t.shape, t.stride() if strided else None)
+    return (t.layout, t.dtype, t.device, t.shape, t.stride() if strided else None, _lazy(t))
+
+
+def _lazy(t: torch.Tensor) -> bool:
+    """Whether t's memory does not hold its values as they read: a negative
+    or conjugate view (the sign is a flag, applied when read) or a ZeroTensor
+    (no memory at all, address 0). torch's ops honour that; a kernel reading
+    the address would not, so such tensors go to torch's functional code."""
+    return t.is_neg() or t.is_conj() or t._is_zerotensor()
 
 
 class _MetadataGuard:
@@ -356,6 +364,10 @@ def _validate_lists(params, grads, state: dict, state_dtype, steps) -> None:
         if not is_dense(p):
             raise ValueError(f"params[{i}] (shape {tuple(p.shape)}, stride {p.stride()}) is not dense")
         _check_grad(i, p, g, sparse_ok=False)
+        for what, t in (("params", p), ("grads", g)):
+            if _lazy(t):
+                raise ValueError(f"{what}[{i}] is a negative, conjugate or zero view (its memory does not hold "
+                                 "its values); pass t.resolve_neg() / t.resolve_conj() / a dense tensor")
         if g.stride() != p.stride() and p.numel() > 1:
             raise ValueError(f"grads[{i}] has stride {g.stride()}, its param {p.stride()}")
         for name, lst in state.items():
@@ -541,19 +553,18 @@ class GroupPlan:
         return True
 
     def _refresh(self, kusers: list, user_grads: list, kgrads: list) -> bool:
-        """Metadata as at the build: bring addresses up to date. False where
-        only a rebuild can (complex params' cached real views). kusers and
+        """Metadata and param addresses as at the build: bring the grads'
+        addresses up to date. False where only a rebuild can. kusers and
         kgrads are the kernels' views (local shards of DTensors); torch's
         functional route takes the user's own tensors."""
         ptrs = list(map(_PTR, kusers))
-        moved = ptrs != self._ptrs
-        if moved and self._cplx:
+        if ptrs != self._ptrs:
+            # A param at a new address (p.data = another tensor of the same
+            # shape): rare, and the new memory must be validated like the
+            # old (overlap with the others, storage large enough): rebuild.
             return False
         for b in self._buckets:
-            functional = b.backend == "functional"
-            if moved:
-                b.batch.set_params(_pick(self._users if functional else kusers, b.index, b.whole))
-            g = _pick(user_grads if functional else kgrads, b.index, b.whole)
+            g = _pick(user_grads if b.backend == "functional" else kgrads, b.index, b.whole)
             if self._cplx:
                 g = list(map(_real, g))
             if b.copy_grads:
@@ -561,7 +572,6 @@ class GroupPlan:
                 for j in b.copy_grads:
                     g[j] = torch.empty_like(b.batch.params[j]).copy_(g[j])
             b.batch.set_grads(g)
-        self._ptrs = ptrs
         self._kusers = kusers
         return True
 
@@ -658,11 +668,12 @@ class GroupPlan:
 
     @staticmethod
     def _kernel_ok(p, g, st, names) -> bool:
-        """Whether a kernel can take this param: dense, a dense grad, and
-        state (where there is some) laid out as the param. A state tensor in
+        """Whether a kernel can take this param: dense, a dense grad, both
+        holding their values in memory (_lazy), and state (where there is
+        some) laid out as the param. A state tensor in
         another layout (a param re-laid through .data, say) goes to torch's
         functional code, which pairs elements by index, as torch.optim does."""
-        if not is_dense(p) or g.layout != torch.strided:
+        if not is_dense(p) or g.layout != torch.strided or _lazy(p) or _lazy(g):
             return False
         if st is None or p.numel() <= 1:
             return True
