@@ -9,7 +9,7 @@ CMakeLists.txt (which documents them):
     FUSED_ADAMW_CUDA_EMU=AUTO|ON|OFF build fused_adamw._cuda_emu, the CUDA kernels
                                      compiled for the host (default AUTO: where CUDA's
                                      headers are found)
-    FUSED_ADAMW_SANITIZE=OFF|ON      _cpu and _cuda_emu with ASan + UBSan (no _cuda)
+    FUSED_ADAMW_SANITIZE=OFF|ON      _cpu, _cuda_emu and _host with ASan + UBSan (no _cuda)
     FUSED_ADAMW_HOST=AUTO|ON|OFF     build fused_adamw._host, the plan's per-step check in
                                      C++, against the torch this Python imports (AUTO:
                                      where it imports one, i.e. --no-build-isolation)
