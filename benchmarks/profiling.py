@@ -74,7 +74,10 @@ def _has_aten_ancestor(evt) -> bool:
 
 
 def profile_steps(step: Callable[[], None], device: torch.device, steps: int,
-                  trace_path: Optional[str]) -> Dict[str, object]:
+                  trace_path: Optional[str], trace_max_mb: Optional[float] = None) -> Dict[str, object]:
+    """Profiles `steps` steps; writes the Chrome trace to trace_path unless it
+    is larger than trace_max_mb (then it is deleted and the row says so:
+    torch's per-tensor providers on 20000 tensors write 40-200 MB)."""
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -84,9 +87,16 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int,
                 step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    trace, trace_note = None, None
     if trace_path:
         os.makedirs(os.path.dirname(trace_path) or ".", exist_ok=True)
         prof.export_chrome_trace(trace_path)
+        mb = os.path.getsize(trace_path) / 2**20
+        if trace_max_mb is not None and mb > trace_max_mb:
+            os.remove(trace_path)
+            trace_note = f"trace of {mb:.0f} MB not kept (> --trace-max-mb {trace_max_mb:g})"
+        else:
+            trace = os.path.basename(trace_path)
 
     events = prof.events()
     step_events = [e for e in events if e.name == STEP_RANGE]
@@ -114,7 +124,8 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int,
         "prof_us_per_op": total_us / len(ops) if ops else None,
         "prof_host_ms_per_step": host_ms,
         "prof_top_ops": [f"{n} x{c / steps:g}" for n, c in names.most_common(3)],
-        "trace": os.path.basename(trace_path) if trace_path else None,
+        "trace": trace,
+        "trace_note": trace_note,
     }
 
 

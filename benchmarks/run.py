@@ -119,6 +119,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help="torch.profiler trace and summary of a few steps per provider, and the "
                          "host cost of a step (time outside the native call, us per tensor)")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--trace-max-mb", type=float, default=20.0, metavar="MB",
+                    help="with --profile, keep a provider's Chrome trace only up to this size "
+                         "(default 20; torch's per-tensor providers on 20000x1K write 40-200 MB)")
     ap.add_argument("--rounds", type=int, default=ROUNDS,
                     help=f"rounds of interleaved steps per workload (default {ROUNDS}, at least "
                          f"{timing.MIN_ROUNDS})")
@@ -362,7 +365,7 @@ def run_workload(workload: wl.Workload, providers: Sequence[prov.Provider], cfg:
                 steps = args.profile_steps if workload.n_tensors <= 1000 else 1
                 path = os.path.join(out_dir, f"trace_{name}_{workload.name}.json")
                 try:
-                    row.update(profiling.profile_steps(runner.step, device, steps, path))
+                    row.update(profiling.profile_steps(runner.step, device, steps, path, args.trace_max_mb))
                     if p.native_module:
                         row.update(profiling.host_cost(
                             runner.step, p.native_module, workload.n_tensors, flusher,

@@ -120,7 +120,7 @@ def test_harness_smoke(tmp_path):
         if r["provider"].startswith("torch-"):
             assert r["peak_mem_bytes"] == 8 * r["numel"] + 4
         assert r["prof_ops_per_step"] >= 0 and r["prof_host_ms_per_step"] > 0
-        assert (out / r["trace"]).is_file()
+        assert (out / r["trace"]).is_file() and r["trace_note"] is None
         # Host cost: time outside the native update, per tensor.
         assert r["host_us_per_tensor"] > 0 and r["host_method"]
         if r["provider"] == "fused_adamw-cpu":
@@ -135,6 +135,23 @@ def test_harness_smoke(tmp_path):
     assert all(r["prof_ops_per_step"] >= 5 for r in forloop)
     assert (out / "gbps_single.png").stat().st_size > 0
     assert (out / "speedup.png").stat().st_size > 0
+
+
+def test_traces_above_the_size_cap_are_not_kept(tmp_path):
+    """--trace-max-mb: a trace larger than the cap is deleted and the row says
+    so (torch's per-tensor providers on 20000 tensors write 40-200 MB)."""
+    import profiling
+    p = torch.zeros(1000)
+
+    def step():
+        for _ in range(50):
+            p.add_(1)
+
+    kept = profiling.profile_steps(step, torch.device("cpu"), 1, str(tmp_path / "a.json"), trace_max_mb=100)
+    assert kept["trace"] == "a.json" and kept["trace_note"] is None and (tmp_path / "a.json").is_file()
+    dropped = profiling.profile_steps(step, torch.device("cpu"), 1, str(tmp_path / "b.json"), trace_max_mb=1e-6)
+    assert dropped["trace"] is None and not (tmp_path / "b.json").exists()
+    assert "not kept" in dropped["trace_note"]
 
 
 def test_providers_are_interleaved_round_robin():
