@@ -23,15 +23,18 @@ def _same(a, b) -> bool:
 
 def _batch(cache, key, lists, make):
     entry = cache.get(key) if cache is not None else None
-    # Grads (lists[1]) may be new tensors each step; everything else must stay.
-    if entry is not None and all(_same(x, y) for k, (x, y) in enumerate(zip(entry[0], lists)) if k != 1):
+    # Grads (lists[1]) may be new tensors each step; everything else must be the
+    # same tensors, and the params at the same addresses (a param moved through
+    # .data makes a new batch, as the plan rebuilds for it).
+    ptrs = [p.data_ptr() for p in lists[0]]
+    if (entry is not None and entry[2] == ptrs
+            and all(_same(x, y) for k, (x, y) in enumerate(zip(entry[0], lists)) if k != 1)):
         batch = entry[1]
-        batch.set_params(list(lists[0]))
         batch.set_grads(list(lists[1]))
         return batch
     batch = make()
     if cache is not None:
-        cache[key] = (tuple(list(x) if x is not None else None for x in lists), batch)
+        cache[key] = (tuple(list(x) if x is not None else None for x in lists), batch, ptrs)
     return batch
 
 

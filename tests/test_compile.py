@@ -323,3 +323,19 @@ def test_a_first_sgd_momentum_step_skipped_by_found_inf_leaves_no_buffer():
         opt.grad_scale, opt.found_inf = None, torch.tensor([inf])
         step()
     torch.testing.assert_close(p.detach(), q.detach(), **TRAJECTORY[torch.float64].kw)
+
+
+def test_negative_view_grads_equal_torch():
+    """A negative view as grad (its memory is minus its values): the op reads
+    it through a plain copy (a kernel reading the memory would flip its sign)."""
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt, ref = fa.AdamW([p], backend="cpu"), torch.optim.AdamW([q])
+    step = torch.compile(opt.step, backend="eager")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        g = torch.randn(6, dtype=torch.float64, generator=gen)
+        p.grad, q.grad = torch._neg_view(-g), g.clone()
+        step()
+        ref.step()
+    torch.testing.assert_close(p.detach(), q.detach(), **TRAJECTORY[torch.float64].kw)

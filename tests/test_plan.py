@@ -544,22 +544,24 @@ def test_param_moved_onto_another_params_memory_is_refused(backend):
         opt.step()
 
 
-def test_storage_shrunk_under_a_grad_is_not_read(host_path):
-    """A grad's storage resized below its extent between steps: the C++ pass
-    sees it (storage bytes vs extent) and the Python path's guard takes over;
-    nothing reads past the new storage (run under the sanitizers in CI)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["grad", "param"])
+def test_storage_shrunk_under_a_tensor_is_refused(host_path, backend, where):
+    """A storage resized below its tensor's extent between steps
+    (t.untyped_storage().resize_(n): the sizes still say 4096 elements): a
+    clear error on either path, never a kernel reading or writing past the new
+    end (CI also runs this under the sanitizers)."""
     p = torch.randn(4096, dtype=torch.float64, requires_grad=True)
-    q = p.detach().clone().requires_grad_()
-    opt, topt = fa.AdamW([p], backend="cpu"), torch.optim.AdamW([q])
-    g = torch.randn(4096, dtype=torch.float64)
-    p.grad, q.grad = g.clone(), g.clone()
-    opt.step()
-    topt.step()
-    pl = _plan_of(opt)
-    if host_path == "c++":
-        p.grad = g.clone()
-        p.grad.untyped_storage().resize_(64)   # the tensor still says 4096 elements
-        assert pl._host.refresh(opt.param_groups[0]["params"]) == -1
+    opt = fa.AdamW([p], backend=backend)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    if host_path == "c++" and backend == "cpu":
+        assert _plan_of(opt)._host_used
+    p.grad = torch.randn_like(p)
+    (p.grad if where == "grad" else p).untyped_storage().resize_(64)
+    with pytest.raises(ValueError, match=rf"{where}s\[0\] spans 32768 bytes of its storage but the storage holds 64"):
+        opt.step()
 
 
 def test_refresher_takes_part_in_the_cycle_collector(host_path):

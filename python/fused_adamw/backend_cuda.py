@@ -29,15 +29,14 @@ and CUDA tensors then raise the stored error. Build with `pip install -e .`;
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Optional
 
 import torch
 
-from . import _native
+from . import _native, dispatch
 from .hyper import AdamHyper, SgdHyper
 
-__all__ = ["adam_step", "sgd_step", "emulation_enabled", "native_module"]
+__all__ = ["adam_step", "sgd_step", "native_module"]
 
 _WORKSPACE_KEY = "cuda_workspace"
 
@@ -55,11 +54,6 @@ except ImportError as _exc:  # the emulated module may still serve CPU tensors
 _emulated_module = None
 
 
-def emulation_enabled() -> bool:
-    """FUSED_ADAMW_CUDA_EMULATION is set (to anything but "" or "0")."""
-    return os.environ.get("FUSED_ADAMW_CUDA_EMULATION", "0") not in ("", "0")
-
-
 def native_module(device: torch.device):
     """The native module serving `device`: _cuda for CUDA tensors, _cuda_emu
     for CPU tensors under emulation. ImportError with the reason when it is
@@ -69,7 +63,7 @@ def native_module(device: torch.device):
         if _cuda is None:
             raise ImportError(f"fused_adamw._cuda failed to import: {_CUDA_ERROR}")
         return _cuda
-    if device.type == "cpu" and emulation_enabled():
+    if device.type == "cpu" and dispatch.cuda_emulated():
         if _emulated_module is None:
             _emulated_module = importlib.import_module("fused_adamw._cuda_emu")
         return _emulated_module

@@ -76,7 +76,9 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _cuda_emulated() -> bool:
+def cuda_emulated() -> bool:
+    """FUSED_ADAMW_CUDA_EMULATION is set (to anything but "" or "0"): backend
+    "cuda" serves CPU tensors through fused_adamw._cuda_emu (backend_cuda.py)."""
     return os.environ.get("FUSED_ADAMW_CUDA_EMULATION", "0") not in ("", "0")
 
 
@@ -107,7 +109,7 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
             names.append("cpu")
         if _triton_interpreted() and _load("triton") is not None:
             names.append("triton")
-        if _cuda_emulated() and _cuda_native_error(device) is None:
+        if cuda_emulated() and _cuda_native_error(device) is None:
             names.append("cuda")
     names.append("torch")
     return names
@@ -136,7 +138,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if requested == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' cannot update parameters on {device}; use backend='auto'")
     if requested == "cuda":
-        if device.type != "cuda" and not (device.type == "cpu" and _cuda_emulated()):
+        if device.type != "cuda" and not (device.type == "cpu" and cuda_emulated()):
             raise ValueError(f"backend='cuda' cannot update parameters on {device}; use backend='auto' "
                              "(CPU tensors run the CUDA kernels only emulated: FUSED_ADAMW_CUDA_EMULATION=1)")
         backend_module("cuda")

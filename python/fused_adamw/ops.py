@@ -45,7 +45,7 @@ import torch
 
 from . import dispatch
 from .hyper import AdamHyper, SgdHyper
-from .plan import Batch
+from .plan import Batch, _lazy
 
 __all__ = ["adam_", "sgd_"]
 
@@ -61,6 +61,14 @@ def _buckets(params: list[Tensor]) -> dict[tuple, list[int]]:
 
 def _pick(lst, idx):
     return [lst[i] for i in idx]
+
+
+def _grads(grads, idx):
+    """The grads of a bucket as the kernels read them: a negative, conjugate
+    or zero view (its memory is not its values; Dynamo cannot test for that
+    while tracing) is read through a plain copy."""
+    return [torch.empty_like(g, memory_format=torch.preserve_format).copy_(g) if _lazy(g) else g
+            for g in _pick(grads, idx)]
 
 
 def _with_lr(hyper, lr_tensor: Optional[Tensor], device: torch.device):
@@ -86,7 +94,7 @@ def _scalar(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
 def _adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper, backend, grad_scale,
                found_inf, lr_tensor) -> None:
     for (device, _), idx in _buckets(params).items():
-        batch = Batch.adam(_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
+        batch = Batch.adam(_pick(params, idx), _grads(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
                            _pick(max_exp_avg_sqs, idx) if hyper.amsgrad else None, _pick(steps, idx))
         module = dispatch.backend_module(dispatch.resolve_backend(backend, device))
         module.adam_step(batch, _with_lr(hyper, lr_tensor, device), grad_scale=_scalar(grad_scale, device),
@@ -98,7 +106,7 @@ def _sgd_impl(params, grads, momentum_buffers, first_step, hyper, backend, grad_
               lr_tensor) -> None:
     use_buffers = hyper.momentum != 0.0
     for (device, _), idx in _buckets(params).items():
-        batch = Batch.sgd(_pick(params, idx), _pick(grads, idx),
+        batch = Batch.sgd(_pick(params, idx), _grads(grads, idx),
                           _pick(momentum_buffers, idx) if use_buffers else None,
                           _pick(first_step, idx) if use_buffers else None)
         module = dispatch.backend_module(dispatch.resolve_backend(backend, device))

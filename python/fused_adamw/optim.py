@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 
 from . import dispatch, ops
 from .hyper import AdamHyper, SgdHyper
-from .plan import GroupPlan
+from .plan import _PLAIN, GroupPlan
 
 DECAY_SCALINGS = ("lr", "schedule")
 
@@ -445,7 +445,7 @@ class _FusedOptimizer(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if (type(p) not in (torch.Tensor, torch.nn.Parameter) or p.is_complex() or g.layout != torch.strided
+            if (type(p) not in _PLAIN or p.is_complex() or g.layout != torch.strided
                     or not p.is_contiguous() or not g.is_contiguous()):
                 return False
         return True

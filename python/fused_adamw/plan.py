@@ -193,6 +193,9 @@ class Batch:
         if build_table and params:
             self._array = _native.build_table(algo, params, grads, state, steps, first_step)
             self.table = torch.from_numpy(self._array)
+        if all(g.layout == torch.strided for g in grads):
+            # Where each grad is (set_grads checks a grad that moved; sparse
+            # grads, torch's functional route only, have no address).
             self._grad_ptrs = list(map(_PTR, grads))
 
     @property
@@ -212,22 +215,22 @@ class Batch:
         return self.state.get("momentum_buffer")
 
     def set_grads(self, grads: list) -> None:
-        """Grads with the metadata of the last ones (the caller checked):
-        rewrite the grad column where an address moved."""
+        """Grads with the metadata of the last ones (the caller checked): a
+        grad at a new address is checked against its storage (_check_covered)
+        and, with an address table, its column rewritten."""
         self.grads = grads
-        if self._array is not None:
-            ptrs = list(map(_PTR, grads))
-            if ptrs != self._grad_ptrs:
+        if self._grad_ptrs is None:
+            return
+        ptrs = list(map(_PTR, grads))
+        if ptrs != self._grad_ptrs:
+            old = self._grad_ptrs
+            for i, g in enumerate(grads):
+                if i >= len(old) or ptrs[i] != old[i]:
+                    _check_covered("grads", i, g)
+            if self._array is not None:
                 self._array[:, _native.GRAD_COLUMN] = ptrs
-                self._grad_ptrs = ptrs
                 self.version += 1
-
-    def set_params(self, params: list) -> None:
-        """Params with the metadata of the last ones at new addresses."""
-        self.params = params
-        if self._array is not None:
-            self._array[:, _native.PARAM_COLUMN] = list(map(_PTR, params))
-            self.version += 1
+            self._grad_ptrs = ptrs
 
     def set_first_step(self, flags: list) -> None:
         self.first_step = flags
@@ -322,6 +325,19 @@ def _check_step(i: int, s: Any, device: torch.device) -> None:
         raise ValueError(f"state 'step' of params[{i}] must be a one-element float32 tensor on {device}, got {got}")
 
 
+def _check_covered(what: str, i: int, t: torch.Tensor) -> None:
+    """t's storage holds every element t spans (a dense tensor: numel
+    elements from its offset). `t.untyped_storage().resize_(n)` can shrink a
+    storage under a tensor whose sizes still say otherwise; a kernel handed
+    its address would read or write past the new end."""
+    if t.device.type == "meta" or not t.numel():
+        return
+    have, need = t.untyped_storage().nbytes(), (t.storage_offset() + t.numel()) * t.element_size()
+    if have < need:
+        raise ValueError(f"{what}[{i}] spans {need} bytes of its storage but the storage holds {have} "
+                         "(was its untyped_storage() resized?)")
+
+
 def _check_no_overlap(params: Sequence[torch.Tensor], index: Sequence[int]) -> None:
     spans = sorted((params[i].data_ptr(), params[i].data_ptr() + params[i].numel() * params[i].element_size(), i)
                    for i in index if params[i].numel() and params[i].device.type != "meta")
@@ -368,11 +384,13 @@ def _validate_lists(params, grads, state: dict, state_dtype, steps) -> None:
             if _lazy(t):
                 raise ValueError(f"{what}[{i}] is a negative, conjugate or zero view (its memory does not hold "
                                  "its values); pass t.resolve_neg() / t.resolve_conj() / a dense tensor")
+            _check_covered(what, i, t)
         if g.stride() != p.stride() and p.numel() > 1:
             raise ValueError(f"grads[{i}] has stride {g.stride()}, its param {p.stride()}")
         for name, lst in state.items():
             if lst is not None:
                 _check_state(i, name, lst[i], p, sd)
+                _check_covered(f"state {name!r} of params", i, lst[i])
         if steps is not None:
             _check_step(i, steps[i], device)
     _check_no_overlap(params, range(len(params)))
@@ -516,7 +534,7 @@ class GroupPlan:
         changed = self._host.refresh(params)
         if changed < 0:
             for b in self._buckets:
-                b.batch._grad_ptrs = None  # the C++ pass may have written some cells
+                b.batch._grad_ptrs = []  # the C++ pass may have written some cells: recheck all
             if not self._host_used:
                 self._host = None          # it fails where it was just made: not for this plan
             return False
@@ -524,7 +542,7 @@ class GroupPlan:
         if changed:
             for k, b in enumerate(self._buckets):
                 if changed >> k & 1:
-                    b.batch._grad_ptrs = None
+                    b.batch._grad_ptrs = []
                     b.batch.version += 1
         return True
 
@@ -688,6 +706,8 @@ class GroupPlan:
         grads = [kgrads[i] for i in idx]
         copy_grads = []
         for j, (p, g) in enumerate(zip(params, grads)):
+            _check_covered("params", idx[j], p)
+            _check_covered("grads", idx[j], g)
             if g.stride() != p.stride() and p.numel() > 1:
                 # The kernels pair elements by storage position: a grad in
                 # another layout (a contiguous grad of a channels_last
@@ -714,6 +734,7 @@ class GroupPlan:
                     self._first.append(st)
                 s = _real(_local(s))
                 _check_state(i, name, s, params[j], sd)
+                _check_covered(f"state {name!r} of params", i, s)
                 col.append(s)
             state[name] = col
         steps = None
