@@ -11,7 +11,10 @@ dtype) bucket with their address table).
 Each updates all tensors of one (device, dtype) group with one launch of the
 update kernel (adam.py, sgd.py), hyperparameters passed as runtime float64
 arguments (changing lr compiles nothing). Adam adds a second, tiny launch
-that increments the step counts. Runs on CUDA tensors, or on CPU tensors
+that increments the step counts (SGD too, under stochastic rounding: the
+generator's step counts). hyper.precision picks how results are stored
+(round to nearest, master weights, stochastic rounding, Kahan summation;
+issue 12), batch.aux and batch.tensor_index carry what the modes need. Runs on CUDA tensors, or on CPU tensors
 under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
 imported), which is how tests/test_triton_kernels.py runs it without a GPU.
 setup.py installs this folder as the subpackage fused_adamw.triton_kernels.

@@ -17,6 +17,11 @@
     (Triton's plain fp32 `/` and tl.sqrt are approximate on NVIDIA GPUs, the
     C++ build uses no fast math), round-to-nearest-even stores of bfloat16, and
     float64 scalars;
+  * the precision modes of issue 12 (csrc/include/fused_adamw/rounding.h is
+    the C++ side, python/fused_adamw/reference.py the definition): the
+    Philox-4x32-10 words of an element (tl.philox with uint32 counters),
+    stochastic rounding to bfloat16 and float16, and the param stores of
+    master weights and Kahan summation;
   * the tiny kernel that adds 1 to every step count after the update.
 
 Nothing here is public; the launchers are fused_adamw.triton_kernels.adam_step
@@ -34,6 +39,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from fused_adamw.hyper import PRECISION_KAHAN, PRECISION_MASTER, PRECISION_NEAREST, PRECISION_STOCHASTIC
 
 TL_DTYPE = {
     torch.float32: tl.float32,
@@ -356,6 +363,162 @@ def _store(ptr, offs, x, mask, MASKED: tl.constexpr):
         tl.store(ptr + offs, y, mask=mask)
     else:
         tl.store(ptr + offs, y)
+
+
+# ------------------------------------------------------------------ precision modes (issue 12)
+
+# hyper.py's PRECISION_* values as compile-time constants of the kernels.
+P_NEAREST = tl.constexpr(PRECISION_NEAREST)
+P_MASTER = tl.constexpr(PRECISION_MASTER)
+P_STOCHASTIC = tl.constexpr(PRECISION_STOCHASTIC)
+P_KAHAN = tl.constexpr(PRECISION_KAHAN)
+PRECISIONS = (PRECISION_NEAREST, PRECISION_MASTER, PRECISION_STOCHASTIC, PRECISION_KAHAN)
+
+
+def check_precision(batch, precision: int, seed: int) -> None:
+    """What the kernels rely on for hyper.precision (the optimizer checks the
+    user's options; this catches a launcher called with a batch that does not
+    fit them): a known mode, 16-bit params for modes 1-3, the aux tensors
+    of modes 1 and 3 in the dtype each mode stores (checked once per batch
+    version), a seed that fits the generator's key."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == PRECISION_NEAREST:
+        return
+    if batch.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"precision={precision} needs float16 or bfloat16 params, got {batch.dtype}")
+    if precision == PRECISION_STOCHASTIC and not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if precision in (PRECISION_MASTER, PRECISION_KAHAN):
+        # The batch is held by resources["triton_batch"] (tables()), so its
+        # id is not reused while this key can match.
+        key = (id(batch), batch.version, precision)
+        if batch.resources.get("triton_aux_checked") == key:
+            return
+        want = torch.float32 if precision == PRECISION_MASTER else batch.dtype
+        what = "float32 master copies" if precision == PRECISION_MASTER else f"{want} Kahan compensations"
+        if batch.aux is None or any(a.dtype != want for a in batch.aux):
+            got = None if batch.aux is None else sorted({str(a.dtype) for a in batch.aux})
+            raise ValueError(f"precision={precision} needs batch.aux: {what}, got {got}")
+        batch.resources["triton_aux_checked"] = key
+
+
+@device_helper
+def _element_words(seed, offs, index, step):
+    """The four Philox-4x32-10 words of elements `offs` of a tensor
+    (reference.random_bits): key (seed lo, seed hi), counter (e lo, e hi,
+    tensor index, step). The counters must be uint32: tl.philox switches to
+    Philox-4x64 for 64-bit ones. index, step: uint32 scalars."""
+    lo = offs.to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    zero = tl.zeros_like(lo)
+    return tl.philox(seed, lo, hi, zero + index, zero + step)
+
+
+@device_helper
+def _stochastic_bf16(x, word):
+    """float32 x to bfloat16, stochastically (reference.stochastic_round_bf16):
+    add the low 16 bits of word to the float32 pattern and truncate; a carry
+    rounds |x| up with probability (dropped bits) / 2**16. NaN -> 0x7fc0 (its
+    payload could carry into an infinity)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (word & 0xFFFF)) >> 16
+    y = tl.where(x == x, rounded, 0x7FC0)
+    return y.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@device_helper
+def _stochastic_fp16(x, word):
+    """float32 x to float16, stochastically (reference.stochastic_round_fp16):
+    with a = |x|, lo = a truncated to float16's grid, ulp the float16 spacing
+    there and f16 the top 16 bits of (a - lo) / ulp, |x| becomes lo + ulp when
+    f16 + (word & 0xffff) >= 2**16, else lo. Exact float32 arithmetic only:
+      * a >= 2**-14 (normal float16): float32 keeps 13 bits below float16's
+        10, so lo is a with them cleared, f16 those bits shifted up by 3, ulp
+        2**(exponent - 10); at or above 65536 (lo + ulp above 65504, or a
+        itself) the result is inf, as the reference's rule;
+      * below (float16 subnormals, spacing 2**-24): s = a * 2**24 (exact),
+        lo = floor(s) * 2**-24, f16 = floor((s - floor(s)) * 2**16); other
+        lanes compute this branch on 0, so that nothing overflows.
+    The sign is put back on the magnitude; inf stays inf (no bits dropped),
+    NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = bits & 0x80000000
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    mag = tl.where(nan, 0, bits & 0x7FFFFFFF)  # NaN lanes compute on 0 (their result is x)
+    a = mag.to(tl.float32, bitcast=True)
+    small = a < 6.103515625e-05  # 2**-14
+    lo_n = (mag & 0xFFFFE000).to(tl.float32, bitcast=True)
+    ulp_n = ((mag & 0x7F800000) - (10 << 23)).to(tl.float32, bitcast=True)
+    f16_n = (mag & 0x1FFF) << 3
+    s = tl.where(small, a, 0.0) * 16777216.0  # 2**24
+    whole = tl.floor(s)
+    f16_s = ((s - whole) * 65536.0).to(tl.uint32)
+    lo_s = whole * 5.9604644775390625e-08  # 2**-24
+    lo = tl.where(small, lo_s, lo_n)
+    ulp = tl.where(small, 5.9604644775390625e-08, ulp_n)
+    f16 = tl.where(small, f16_s, f16_n)
+    up = f16 + (word & 0xFFFF) >= 65536
+    rounded = lo + tl.where(up, ulp, 0.0)
+    out = tl.where(rounded >= 65536.0, 0x7F800000, rounded.to(tl.uint32, bitcast=True))
+    y = (out | sign).to(tl.float32, bitcast=True)
+    return tl.where(nan, x, y).to(tl.float16)
+
+
+@device_helper
+def _round_as(x, word, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """x (the math type) in the storage type DTYPE: stochastically with the
+    low 16 bits of word where STOCHASTIC and DTYPE is a 16-bit type, else
+    rounded to nearest even (_store_as)."""
+    if STOCHASTIC:
+        if DTYPE == tl.bfloat16:
+            y = _stochastic_bf16(x, word)
+        elif DTYPE == tl.float16:
+            y = _stochastic_fp16(x, word)
+        else:
+            y = _store_as(x, DTYPE)
+    else:
+        y = _store_as(x, DTYPE)
+    return y
+
+
+@device_helper
+def _store_rounded(ptr, offs, x, word, mask, MASKED: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """_store, stochastically rounded where STOCHASTIC (state stores)."""
+    y = _round_as(x, word, ptr.dtype.element_ty, STOCHASTIC)
+    if MASKED:
+        tl.store(ptr + offs, y, mask=mask)
+    else:
+        tl.store(ptr + offs, y)
+
+
+@device_helper
+def _store_param(p_ptr, aux_ptr, offs, x, old, word, mask, MATH: tl.constexpr, MASKED: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """The param store of each precision mode; x: the updated value, old: the
+    param as loaded (both the math type; old is read by Kahan only).
+      nearest:    param = RN(x)
+      master:     aux (float32) = x, param = RN(x)
+      stochastic: param = SR(x) with word (w0)
+      Kahan:      with c the compensation in aux (param dtype),
+                  u = c + (x - old); param = RN(old + u); aux = RN(u - (param - old))
+                  (Kahan, CACM 8(1), 1965; optimi's update), all in float32."""
+    if PRECISION == P_MASTER:
+        _store(aux_ptr, offs, x, mask, MASKED)
+        _store(p_ptr, offs, x, mask, MASKED)
+    elif PRECISION == P_STOCHASTIC:
+        _store_rounded(p_ptr, offs, x, word, mask, MASKED, True)
+    elif PRECISION == P_KAHAN:
+        u = _load(aux_ptr, offs, mask, MATH, MASKED) + (x - old)
+        new = _store_as(old + u, p_ptr.dtype.element_ty)
+        comp = u - (new.to(MATH) - old)
+        if MASKED:
+            tl.store(p_ptr + offs, new, mask=mask)
+        else:
+            tl.store(p_ptr + offs, new)
+        _store(aux_ptr, offs, comp, mask, MASKED)
+    else:
+        _store(p_ptr, offs, x, mask, MASKED)
 
 
 # n_rows is not specialised: one compiled kernel for any tensor count.

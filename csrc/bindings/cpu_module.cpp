@@ -155,14 +155,35 @@ Common check_common(uintptr_t table_addr, int64_t n_tensors, int64_t param_code,
   c.param_dtype = to_dtype(param_code, "param_dtype");
   c.state_dtype = to_dtype(state_code, "state_dtype");
   const bool low = c.param_dtype == DType::kFloat16 || c.param_dtype == DType::kBFloat16;
-  if (c.state_dtype != c.param_dtype && !(low && c.state_dtype == DType::kFloat32)) {
+  // The storage pairs of ../shared/DESIGN.md and issue 12: the param's dtype;
+  // float32 for 16-bit params; bfloat16 for all but float64 params.
+  const bool ok = c.state_dtype == c.param_dtype || (low && c.state_dtype == DType::kFloat32) ||
+                  (c.param_dtype != DType::kFloat64 && c.state_dtype == DType::kBFloat16);
+  if (!ok) {
     throw py::value_error(std::string("state_dtype=") + dtype_name(c.state_dtype) + " is not allowed for " +
                           dtype_name(c.param_dtype) +
-                          " params (the param dtype, or float32 for float16/bfloat16 params)");
+                          " params (the param dtype, float32 for float16/bfloat16 params, or bfloat16 for "
+                          "float32/float16 params)");
   }
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
   c.num_threads = static_cast<int>(std::min<int64_t>(num_threads, 1 << 16));
   return c;
+}
+
+// hyper.precision and hyper.seed (rounding.h): a mode in 0..3, modes 1..3
+// for 16-bit params only, a seed in [0, 2^63).
+Precision check_precision(const Common& c, int32_t precision, int64_t seed) {
+  if (precision < 0 || precision > 3) {
+    throw py::value_error("hyper.precision must be 0 (nearest), 1 (master weights), 2 (stochastic rounding) or "
+                          "3 (Kahan summation), got " + std::to_string(precision));
+  }
+  const bool low = c.param_dtype == DType::kFloat16 || c.param_dtype == DType::kBFloat16;
+  if (precision != 0 && !low) {
+    throw py::value_error("hyper.precision=" + std::to_string(precision) + " needs float16 or bfloat16 params, got " +
+                          dtype_name(c.param_dtype));
+  }
+  if (seed < 0) throw py::value_error("hyper.seed must be in [0, 2**63), got " + std::to_string(seed));
+  return static_cast<Precision>(precision);
 }
 
 [[noreturn]] void bad_row(int64_t row, const std::string& what) {
@@ -173,11 +194,41 @@ void check_address(int64_t row, int64_t value, const char* column) {
   if (value == 0) bad_row(row, std::string(column) + " address is 0");
 }
 
-void check_adam_rows(const Common& c, const AdamHyper& h) {
+// The generator's step of a tensor whose step count is `step` before this
+// call's increment: a whole number below 2^32, so that the count after it
+// converts to the counter's 32-bit word (float32 counts stall at 2^24 long
+// before that). Checked before anything is incremented.
+void check_generator_step(int64_t row, float step) {
+  if (!(step >= 0.f && step < 4294967296.f) || step != static_cast<float>(static_cast<int64_t>(step))) {
+    bad_row(row, "step " + std::to_string(step) +
+                     " is not a whole number in [0, 2**32) (hyper.precision=2 counts steps in the "
+                     "generator's 32-bit counter)");
+  }
+}
+
+// The precision columns of a row: aux for master weights and Kahan, the
+// generator index (a 32-bit counter word) for stochastic rounding.
+void check_precision_columns(int64_t t, const int64_t* r, int64_t numel, int64_t aux_col, int64_t index_col,
+                             Precision precision) {
+  if (numel > 0 && (precision == Precision::kMaster || precision == Precision::kKahan)) {
+    check_address(t, r[aux_col],
+                  precision == Precision::kMaster ? "aux (master copy; hyper.precision=1)"
+                                                  : "aux (Kahan compensation; hyper.precision=3)");
+  }
+  if (precision == Precision::kStochastic && (r[index_col] < 0 || r[index_col] > 0xFFFFFFFFll)) {
+    bad_row(t, "tensor index " + std::to_string(r[index_col]) + " is not in [0, 2**32)");
+  }
+}
+
+void check_adam_rows(const Common& c, const AdamHyper& h, Precision precision) {
   for (int64_t t = 0; t < c.n_tensors; ++t) {
     const int64_t* r = c.table + t * kAdamCols;
     if (r[kAdamNumel] < 0) bad_row(t, "numel " + std::to_string(r[kAdamNumel]) + " < 0");
     check_address(t, r[kAdamStep], "step");
+    check_precision_columns(t, r, r[kAdamNumel], kAdamAux, kAdamIndex, precision);
+    if (precision == Precision::kStochastic) {
+      check_generator_step(t, *reinterpret_cast<const float*>(static_cast<uintptr_t>(r[kAdamStep])));
+    }
     if (r[kAdamNumel] == 0) continue;
     check_address(t, r[kAdamParam], "param");
     check_address(t, r[kAdamGrad], "grad");
@@ -187,10 +238,16 @@ void check_adam_rows(const Common& c, const AdamHyper& h) {
   }
 }
 
-void check_sgd_rows(const Common& c, const SgdHyper& h) {
+void check_sgd_rows(const Common& c, const SgdHyper& h, Precision precision) {
   for (int64_t t = 0; t < c.n_tensors; ++t) {
     const int64_t* r = c.table + t * kSgdCols;
     if (r[kSgdNumel] < 0) bad_row(t, "numel " + std::to_string(r[kSgdNumel]) + " < 0");
+    check_precision_columns(t, r, r[kSgdNumel], kSgdAux, kSgdIndex, precision);
+    if (precision == Precision::kStochastic) {
+      // Incremented like Adam's step, for every tensor of the call.
+      check_address(t, r[kSgdStep], "step (hyper.precision=2: the generator's step count)");
+      check_generator_step(t, *reinterpret_cast<const float*>(static_cast<uintptr_t>(r[kSgdStep])));
+    }
     if (r[kSgdNumel] == 0) continue;
     check_address(t, r[kSgdParam], "param");
     check_address(t, r[kSgdGrad], "grad");
@@ -266,12 +323,24 @@ std::vector<AdamScalars<M>> step_and_resolve(const Common& c, const AdamHyper& h
   return out;
 }
 
+// The generator's step of every tensor (precision 2): the float32 count in
+// column step_col, already incremented, as the counter's 32-bit word.
+std::vector<uint32_t> generator_steps(const Common& c, int64_t cols, int64_t step_col) {
+  std::vector<uint32_t> out(static_cast<size_t>(c.n_tensors));
+  for (int64_t t = 0; t < c.n_tensors; ++t) {
+    const float step = *reinterpret_cast<const float*>(static_cast<uintptr_t>(c.table[t * cols + step_col]));
+    out[static_cast<size_t>(t)] = static_cast<uint32_t>(step);  // checked: a whole number below 2^32
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------- entry points
 
 void adam_step(uintptr_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
                const AdamHyper& hyper, uintptr_t grad_scale_addr, uintptr_t found_inf_addr, int64_t num_threads) {
   const Common c = check_common(table_addr, n_tensors, param_dtype, state_dtype, num_threads);
-  check_adam_rows(c, hyper);
+  const Precision precision = check_precision(c, hyper.precision, hyper.seed);
+  check_adam_rows(c, hyper, precision);
   const IsaKernels* isa = g_isa.load();
   py::gil_scoped_release nogil;
   if (read_scalar(found_inf_addr, 0.f) != 0.f) return;  // nothing is written, not even the steps
@@ -284,6 +353,8 @@ void adam_step(uintptr_t table_addr, int64_t n_tensors, int64_t param_dtype, int
     scalars_f = step_and_resolve<float>(c, hyper);
   }
   if (plan.n_units() == 0) return;
+  const std::vector<uint32_t> rng_step =
+      precision == Precision::kStochastic ? generator_steps(c, kAdamCols, kAdamStep) : std::vector<uint32_t>();
   AdamWork w;
   w.table = c.table;
   w.param_dtype = c.param_dtype;
@@ -296,17 +367,29 @@ void adam_step(uintptr_t table_addr, int64_t n_tensors, int64_t param_dtype, int
   w.scalars_d = scalars_d.data();
   w.grad_scale = read_scalar(grad_scale_addr, 1.f);
   w.num_threads = threads_for(c, plan);
+  w.precision = precision;
+  w.seed = static_cast<uint64_t>(hyper.seed);
+  w.rng_step = rng_step.data();
   isa->adam(w);
 }
 
 void sgd_step(uintptr_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
               const SgdHyper& hyper, uintptr_t grad_scale_addr, uintptr_t found_inf_addr, int64_t num_threads) {
   const Common c = check_common(table_addr, n_tensors, param_dtype, state_dtype, num_threads);
-  check_sgd_rows(c, hyper);
+  const Precision precision = check_precision(c, hyper.precision, hyper.seed);
+  check_sgd_rows(c, hyper, precision);
   const IsaKernels* isa = g_isa.load();
   py::gil_scoped_release nogil;
-  if (read_scalar(found_inf_addr, 0.f) != 0.f) return;
+  if (read_scalar(found_inf_addr, 0.f) != 0.f) return;  // nothing is written, not even the steps
   const Plan plan = make_plan(c.table, kSgdCols, c.n_tensors);
+  std::vector<uint32_t> rng_step;
+  if (precision == Precision::kStochastic) {
+    // SGD counts steps only for the generator (torch's SGD keeps none).
+    for (int64_t t = 0; t < c.n_tensors; ++t) {
+      *reinterpret_cast<float*>(static_cast<uintptr_t>(c.table[t * kSgdCols + kSgdStep])) += 1.f;
+    }
+    rng_step = generator_steps(c, kSgdCols, kSgdStep);
+  }
   if (plan.n_units() == 0) return;
   SgdWork w;
   w.table = c.table;
@@ -319,6 +402,9 @@ void sgd_step(uintptr_t table_addr, int64_t n_tensors, int64_t param_dtype, int6
   w.scalars_d = resolve_sgd<double>(hyper, hyper.lr);
   w.grad_scale = read_scalar(grad_scale_addr, 1.f);
   w.num_threads = threads_for(c, plan);
+  w.precision = precision;
+  w.seed = static_cast<uint64_t>(hyper.seed);
+  w.rng_step = rng_step.data();
   isa->sgd(w);
 }
 
@@ -370,15 +456,19 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("adam_step", &fc::adam_step, py::arg("table_addr"), py::arg("n_tensors"), py::arg("param_dtype"),
         py::arg("state_dtype"), py::arg("hyper"), py::arg("grad_scale_addr"), py::arg("found_inf_addr"),
         py::arg("num_threads"),
-        "One Adam/AdamW step over every tensor of an int64 [n_tensors, 7] address table "
-        "(numel, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step). Increments each float32 step "
-        "and uses its new value for that tensor's bias corrections. grad_scale_addr / found_inf_addr: "
-        "a float32 scalar or 0; found_inf != 0 writes nothing. Releases the GIL.");
+        "One Adam/AdamW step over every tensor of an int64 [n_tensors, 9] address table "
+        "(numel, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, aux, index). Increments each "
+        "float32 step and uses its new value for that tensor's bias corrections (and, with "
+        "hyper.precision=2, as the generator's step). hyper.precision 1/3: aux is the float32 master copy / "
+        "the Kahan compensation. grad_scale_addr / found_inf_addr: a float32 scalar or 0; found_inf != 0 "
+        "writes nothing. Releases the GIL.");
   m.def("sgd_step", &fc::sgd_step, py::arg("table_addr"), py::arg("n_tensors"), py::arg("param_dtype"),
         py::arg("state_dtype"), py::arg("hyper"), py::arg("grad_scale_addr"), py::arg("found_inf_addr"),
         py::arg("num_threads"),
-        "One SGD/SGDW step over every tensor of an int64 [n_tensors, 5] address table "
-        "(numel, param, grad, momentum_buffer, first_step). Releases the GIL.");
+        "One SGD/SGDW step over every tensor of an int64 [n_tensors, 8] address table "
+        "(numel, param, grad, momentum_buffer, first_step, aux, step, index). step: with "
+        "hyper.precision=2, a float32 count incremented by each call (the generator's step), else 0. "
+        "Releases the GIL.");
   m.def(
       "set_isa", [](const std::string& name) { fc::g_isa.store(fc::find_isa(name)); }, py::arg("name"),
       "Use the kernel copy for instruction set `name` (base, avx2, avx512; auto: the best supported).");

@@ -17,8 +17,8 @@
 //   build_info(), device_count()
 //
 // Argument errors raise ValueError (std::invalid_argument) naming the
-// argument, before any CUDA call; CUDA errors raise RuntimeError with CUDA's
-// message. cudart is linked statically (CMakeLists.txt), so the module imports
+// argument (dtypes, precision and seed, sizes; table rows and columns),
+// before any CUDA call; CUDA errors raise RuntimeError with CUDA's message. cudart is linked statically (CMakeLists.txt), so the module imports
 // where there is no GPU or CUDA runtime library.
 //
 // Built by CMakeLists.txt ("_cuda", "_cuda_emu").
@@ -73,10 +73,13 @@ struct CallArgs {
 };
 
 // Checks the arguments every call shares; nullptr table when there is
-// nothing to do.
+// nothing to do. The table's rows (aux, index and step columns as the
+// precision needs them) are checked by plan_table.
+template <typename Hyper>
 CallArgs check_call(int64_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
-                    int64_t device_index, Workspace* workspace) {
+                    const Hyper& hyper, int64_t device_index, Workspace* workspace) {
   check_dtypes(param_dtype, state_dtype);
+  check_precision(hyper.precision, hyper.seed, param_dtype);
   if (n_tensors < 0) throw std::invalid_argument("n_tensors must be >= 0, got " + std::to_string(n_tensors));
   if (n_tensors > 0 && table_addr == 0) throw std::invalid_argument("table_addr is 0 with n_tensors > 0");
   if (device_index < 0 || device_index > INT32_MAX)
@@ -94,14 +97,14 @@ template <typename Hyper>
 void run_step(Algorithm algo, int64_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
               const Hyper& hyper, bool third_state, int64_t grad_scale_addr, int64_t found_inf_addr,
               int64_t lr_addr, int64_t device_index, uintptr_t stream_handle, Workspace* workspace) {
-  const CallArgs call = check_call(table_addr, n_tensors, param_dtype, state_dtype, device_index, workspace);
+  const CallArgs call = check_call(table_addr, n_tensors, param_dtype, state_dtype, hyper, device_index, workspace);
   if (call.table == nullptr) return;
   const StepScalars scalars{as_device_scalar<float>(lr_addr), as_device_scalar<float>(grad_scale_addr),
                             as_device_scalar<float>(found_inf_addr)};
   const cudaStream_t stream = as_stream(stream_handle);
   DeviceGuard guard(static_cast<int>(device_index));
   Workspace& ws = *call.workspace;
-  const DeviceTables tables = ws.prepare(algo, call.table, n_tensors, third_state, stream);
+  const DeviceTables tables = ws.prepare(algo, call.table, n_tensors, third_state, hyper.precision, stream);
   try {
     if constexpr (std::is_same_v<Hyper, AdamHyper>)
       launch_adam(static_cast<DType>(param_dtype), static_cast<DType>(state_dtype), tables, hyper, scalars, stream);
@@ -153,22 +156,28 @@ py::dict plan_chunks_py(const std::vector<int64_t>& numels, int64_t chunk_elems)
   return chunks_dict(plan_chunks(numels, chunk_elems), numels, chunk_elems);
 }
 
-py::dict plan_table_py(Algorithm algo, int64_t table_addr, int64_t n_tensors, bool third_state, int64_t sm_count) {
+py::dict plan_table_py(Algorithm algo, int64_t table_addr, int64_t n_tensors, bool third_state, int32_t precision,
+                       int64_t sm_count) {
   const auto* table = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(table_addr));
   // sm_count 0: the fixed kChunkElems; else the chunk size a step on a device
   // with that many SMs would choose.
-  const HostPlan plan = plan_table(algo, table, n_tensors, third_state, sm_count > 0 ? 0 : kChunkElems,
+  const HostPlan plan = plan_table(algo, table, n_tensors, third_state, precision, sm_count > 0 ? 0 : kChunkElems,
                                    static_cast<int>(sm_count));
   std::vector<int64_t> numels;
-  py::list vector, first_step;
-  for (const TensorRecord& r : plan.records) {
+  py::list vector, first_step, index, step;
+  for (size_t i = 0; i < plan.records.size(); ++i) {
+    const TensorRecord& r = plan.records[i];
     numels.push_back(r.numel);
     vector.append((r.flags & kVectorAligned) != 0);
     first_step.append((r.flags & kFirstStep) != 0);
+    index.append(static_cast<int64_t>(r.index));
+    step.append(static_cast<int64_t>(reinterpret_cast<uintptr_t>(plan.steps[i])));
   }
   py::dict out = chunks_dict(plan.chunks, numels, plan.chunk_elems);
   out["vector"] = vector;
   out["first_step"] = first_step;
+  out["index"] = index;
+  out["step"] = step;
   return out;
 }
 
@@ -198,10 +207,14 @@ py::dict build_info() {
 #endif
   d["cudart"] = CUDART_VERSION;
   d["metadata"] = std::string(
-      "device-resident table (64-byte tensor records + 8-byte chunk records), cached per workspace, "
-      "uploaded through 32 KB kernel-parameter blobs when the host table changes; a captured call gets "
+      "device-resident table (64-byte tensor records + 8-byte step pointers and chunk records), cached per "
+      "workspace, uploaded through 32 KB kernel-parameter blobs when the host table changes; a captured call gets "
       "its own copy, filled outside the graph");
-  d["step_increment"] = std::string("step kernel before the update (one thread per tensor, fp64 terms once per tensor)");
+  d["step_increment"] = std::string(
+      "step kernel before the update (one thread per tensor, fp64 terms once per tensor; SGD: precision 2 only)");
+  d["precision_modes"] = std::string(
+      "0 round to nearest (adam_kernel, sgd_kernel); 1 master weights, 2 stochastic rounding (Philox-4x32-10), "
+      "3 Kahan summation (adam_precision_kernel, sgd_precision_kernel; float16/bfloat16 params)");
   d["chunk_elems"] = kChunkElems;
   d["min_chunk_elems"] = kMinChunkElems;
   d["block_threads"] = kBlockThreads;
@@ -225,9 +238,9 @@ void set_launch_overrides(int64_t chunk_elems, int64_t max_blocks) {
 void adam_step_chunks(int64_t table_addr, int64_t n_tensors, int64_t param_dtype, int64_t state_dtype,
                       const AdamHyper& hyper, const std::vector<std::pair<int64_t, int64_t>>& chunks,
                       int64_t chunk_elems, int64_t device_index, uintptr_t stream_handle) {
-  const CallArgs call = check_call(table_addr, n_tensors, param_dtype, state_dtype, device_index, nullptr);
+  const CallArgs call = check_call(table_addr, n_tensors, param_dtype, state_dtype, hyper, device_index, nullptr);
   if (call.table == nullptr) return;
-  HostPlan plan = plan_table(Algorithm::kAdam, call.table, n_tensors, hyper.amsgrad, chunk_elems);
+  HostPlan plan = plan_table(Algorithm::kAdam, call.table, n_tensors, hyper.amsgrad, hyper.precision, chunk_elems);
   plan.chunks.clear();
   for (const auto& c : chunks) {
     if (c.first < 0 || c.first >= n_tensors || c.second < 0 || c.second > UINT32_MAX ||
@@ -238,23 +251,16 @@ void adam_step_chunks(int64_t table_addr, int64_t n_tensors, int64_t param_dtype
   }
   const cudaStream_t stream = as_stream(stream_handle);
   DeviceGuard guard(static_cast<int>(device_index));
-  const size_t record_bytes = sizeof(TensorRecord) * plan.records.size();
-  const size_t chunk_bytes = sizeof(ChunkRecord) * plan.chunks.size();
-  const size_t terms_at = (record_bytes + chunk_bytes + 15) / 16 * 16;
+  const int64_t total_chunks = static_cast<int64_t>(plan.chunks.size());
+  const PlanLayout at(n_tensors, total_chunks);
+  const std::vector<unsigned long long> tail = plan_tail(plan);
   char* buf = nullptr;
-  check_cuda(cudaMalloc(&buf, terms_at + sizeof(AdamStepTerms) * plan.records.size()), "cudaMalloc");
+  check_cuda(cudaMalloc(&buf, at.bytes), "cudaMalloc");
   try {
-    check_cuda(cudaMemcpyAsync(buf, plan.records.data(), record_bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-    if (chunk_bytes)
-      check_cuda(cudaMemcpyAsync(buf + record_bytes, plan.chunks.data(), chunk_bytes, cudaMemcpyHostToDevice, stream),
-                 "cudaMemcpyAsync");
-    DeviceTables t;
-    t.records = reinterpret_cast<const TensorRecord*>(buf);
-    t.chunks = reinterpret_cast<const ChunkRecord*>(buf + record_bytes);
-    t.terms = reinterpret_cast<AdamStepTerms*>(buf + terms_at);
-    t.n_tensors = n_tensors;
-    t.total_chunks = static_cast<int64_t>(plan.chunks.size());
-    t.chunk_elems = chunk_elems;
+    check_cuda(cudaMemcpyAsync(buf, plan.records.data(), at.steps, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check_cuda(cudaMemcpyAsync(buf + at.steps, tail.data(), 8 * tail.size(), cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync");
+    const DeviceTables t = device_tables(buf, n_tensors, total_chunks, chunk_elems);
     launch_adam(static_cast<DType>(param_dtype), static_cast<DType>(state_dtype), t, hyper, StepScalars{}, stream);
     check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   } catch (...) {
@@ -300,13 +306,19 @@ PYBIND11_MODULE(_cuda, m) {
       "(lr_addr 0: hyper.lr is used); found_inf != 0 writes nothing. Runs on `stream` (a cudaStream_t as an "
       "int) on device `device_index`; no host sync. workspace: a Workspace of that device kept across steps "
       "(None: a per-device default).";
+  static const std::string precision_args =
+      " hyper.precision: 0 round to nearest, 1 master weights (the aux column: float32 copies), 2 stochastic "
+      "rounding (Philox words of (element, index column, step after the increment) keyed on hyper.seed), "
+      "3 Kahan summation (the aux column: compensations in the param dtype); 1-3 for float16/bfloat16 params.";
   static const std::string adam_doc =
-      "One Adam/AdamW step over every tensor of a host int64 [n_tensors, 7] address table (numel, param, grad, "
-      "exp_avg, exp_avg_sq, max_exp_avg_sq, step) in one launch. Adds 1 to each float32 step on the device and "
-      "uses the new value for that tensor's bias corrections." + common_args;
+      "One Adam/AdamW step over every tensor of a host int64 [n_tensors, 9] address table (numel, param, grad, "
+      "exp_avg, exp_avg_sq, max_exp_avg_sq, step, aux, index) in one launch. Adds 1 to each float32 step on the "
+      "device and uses the new value for that tensor's bias corrections (and generator)." + precision_args +
+      common_args;
   static const std::string sgd_doc =
-      "One SGD/SGDW step over every tensor of a host int64 [n_tensors, 5] address table (numel, param, grad, "
-      "momentum_buffer, first_step) in one launch." + common_args;
+      "One SGD/SGDW step over every tensor of a host int64 [n_tensors, 8] address table (numel, param, grad, "
+      "momentum_buffer, first_step, aux, step, index) in one launch. Under precision 2 adds 1 to each float32 "
+      "step (the generator's step) first." + precision_args + common_args;
   m.def("adam_step", &fc::adam_step, py::arg("table_addr"), py::arg("n_tensors"), py::arg("param_dtype"),
         py::arg("state_dtype"), py::arg("hyper"), py::arg("grad_scale_addr"), py::arg("found_inf_addr"),
         py::arg("lr_addr"), py::arg("device_index"), py::arg("stream"), py::arg("workspace") = nullptr,
@@ -321,18 +333,19 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "plan_table",
       [](int64_t table_addr, int64_t n_tensors, const AdamHyper& h, int64_t sm_count) {
-        return fc::plan_table_py(fc::Algorithm::kAdam, table_addr, n_tensors, h.amsgrad, sm_count);
+        return fc::plan_table_py(fc::Algorithm::kAdam, table_addr, n_tensors, h.amsgrad, h.precision, sm_count);
       },
       py::arg("table_addr"), py::arg("n_tensors"), py::arg("hyper"), py::arg("sm_count") = 0);
   m.def(
       "plan_table",
       [](int64_t table_addr, int64_t n_tensors, const SgdHyper& h, int64_t sm_count) {
-        return fc::plan_table_py(fc::Algorithm::kSgd, table_addr, n_tensors, h.momentum != 0., sm_count);
+        return fc::plan_table_py(fc::Algorithm::kSgd, table_addr, n_tensors, h.momentum != 0., h.precision,
+                                 sm_count);
       },
       py::arg("table_addr"), py::arg("n_tensors"), py::arg("hyper"), py::arg("sm_count") = 0,
       "What a step would launch for a host address table, without touching the GPU: the chunk plan "
-      "(tensor/start/end, blocks, chunk_elems) and per tensor whether the 16-byte path is taken (vector) and "
-      "first_step. Validates the table as a step does. sm_count 0: 64K-element chunks; else the chunk size a "
+      "(tensor/start/end, blocks, chunk_elems) and per tensor whether the 16-byte path is taken (vector), "
+      "first_step, the generator index and the step address (0 where unused). Validates the table as a step does. sm_count 0: 64K-element chunks; else the chunk size a "
       "step chooses on a device with that many SMs (and the overrides).");
   m.def("build_info", &fc::build_info, "archs, nvcc version, metadata scheme, chunk and block sizes.");
   m.def("set_launch_overrides", &fc::set_launch_overrides, py::arg("chunk_elems") = 0, py::arg("max_blocks") = 0,

@@ -8,13 +8,15 @@
 // and used by both sides could be emitted by an AVX-512 object and picked by
 // the linker for the baseline path too. The per-element math (update.h) is
 // used by the kernels only inside [[gnu::flatten]] functions for the same
-// reason, so no out-of-line copy of it is ever emitted from a kernel object.
+// reason, so no out-of-line copy of it is ever emitted from a kernel object;
+// the same holds for rounding.h's conversions and generator.
 //
 // Follows ../shared/DESIGN.md, "Native interface" and "Multi-tensor plan".
 #pragma once
 
 #include <cstdint>
 
+#include <fused_adamw/rounding.h>
 #include <fused_adamw/table.h>
 #include <fused_adamw/update.h>
 
@@ -52,6 +54,13 @@ struct AdamWork {
   const AdamScalars<double>* scalars_d;
   double grad_scale;  // 1 when there is none
   int num_threads;    // already capped at n_units
+  // How results are stored (rounding.h; modes other than kNearest only for
+  // 16-bit params). kStochastic: the generator's key and each tensor's step
+  // after this call's increment (the table's INDEX column is the counter's
+  // tensor word); rng_step is null otherwise.
+  Precision precision;
+  uint64_t seed;
+  const uint32_t* rng_step;
 };
 
 // The same for SGD; its scalars do not depend on the step, so one set serves
@@ -67,6 +76,9 @@ struct SgdWork {
   SgdScalars<double> scalars_d;
   double grad_scale;
   int num_threads;
+  Precision precision;      // as AdamWork's
+  uint64_t seed;
+  const uint32_t* rng_step; // kStochastic: from the table's STEP column, after the increment
 };
 
 // Each instruction-set copy of the kernels (namespace fused_adamw::cpu::<isa>)

@@ -2,7 +2,8 @@
 // call at once: the same plan as adam_cpu.cpp (one OpenMP region over work
 // units, a SIMD loop per tile) around fused_adamw::sgd_update
 // (csrc/include/fused_adamw/update.h, Algorithm 1 of Loshchilov & Hutter in
-// torch's parameterisation: lr outside the momentum buffer).
+// torch's parameterisation: lr outside the momentum buffer), with the same
+// precision modes.
 //
 // Compiled once per instruction set by CMakeLists.txt with
 // -DFUSED_ADAMW_ISA=<base|avx2|avx512>; csrc/bindings/cpu_module.cpp checks
@@ -31,8 +32,8 @@ const SgdScalars<double>& scalars_of<double>(const SgdWork& w) {
   return w.scalars_d;
 }
 
-// flatten: see adam_cpu.cpp.
-template <typename P, typename S, Momentum kMomentum>
+// flatten: see adam_cpu.cpp; kMode as there.
+template <typename P, typename S, Momentum kMomentum, Precision kMode>
 [[gnu::flatten]] void sgd_segment(const SgdWork& w, const Segment& seg) {
   using M = math_t<P>;
   constexpr bool kHasBuffer = kMomentum != Momentum::kNone;
@@ -40,6 +41,12 @@ template <typename P, typename S, Momentum kMomentum>
   P* const param = at<P>(row[kSgdParam]);
   const P* const grad = at<const P>(row[kSgdGrad]);
   S* const buffer = kHasBuffer ? at<S>(row[kSgdMomentumBuffer]) : nullptr;
+  float* const master = kMode == Precision::kMaster ? at<float>(row[kSgdAux]) : nullptr;
+  P* const comp = kMode == Precision::kKahan ? at<P>(row[kSgdAux]) : nullptr;
+  Stream rng{};
+  if (kMode == Precision::kStochastic) {
+    rng = Stream{w.seed, w.rng_step[seg.tensor], static_cast<uint32_t>(row[kSgdIndex])};
+  }
 
   SgdScalars<M> s = scalars_of<M>(w);
   s.use_momentum = kHasBuffer;
@@ -47,9 +54,17 @@ template <typename P, typename S, Momentum kMomentum>
 
   Tile<P> p_tile, g_tile;
   Tile<S> b_tile;
+  std::conditional_t<kMode == Precision::kKahan, KahanTile<P>, NoTile> kahan_tile;
+  constexpr int kStates = kHasBuffer && kSixteenBit<S> ? 1 : 0;  // 16-bit state arrays rounded with the param
+  std::conditional_t<kMode == Precision::kStochastic, StochasticTile<P, S, kStates>, NoTile> sr_tile;
   for (int64_t i0 = seg.begin; i0 < seg.end; i0 += kTile) {
     const int64_t n = std::min(kTile, seg.end - i0);
-    M* __restrict__ p = p_tile.view(param + i0, n);
+    M* __restrict__ p;
+    if constexpr (kMode == Precision::kMaster) {
+      p = master + i0;
+    } else {
+      p = p_tile.view(param + i0, n);
+    }
     const M* __restrict__ g = g_tile.view(grad + i0, n);
     // On the first step the buffer is uninitialised memory: written, not read.
     M* __restrict__ b = kMomentum == Momentum::kUpdate ? b_tile.view(buffer + i0, n)
@@ -63,12 +78,25 @@ template <typename P, typename S, Momentum kMomentum>
       p[i] = pi;
       if (kHasBuffer) b[i] = bi;
     }
-    p_tile.store(param + i0, n);
-    if (kHasBuffer) b_tile.store(buffer + i0, n);
+    if constexpr (kMode == Precision::kStochastic) {
+      // Param and a 16-bit buffer from one Philox block per element (a
+      // float32 buffer is stored already).
+      sr_tile.store(rng, i0, n, p, param + i0, b, kHasBuffer ? buffer + i0 : nullptr, nullptr, nullptr, nullptr,
+                    nullptr);
+    } else {
+      if constexpr (kMode == Precision::kMaster) {
+        from_math(p, param + i0, n);  // the master copy was updated in place
+      } else if constexpr (kMode == Precision::kKahan) {
+        kahan_tile.store(p, param + i0, comp + i0, n);
+      } else {
+        p_tile.store(param + i0, n);
+      }
+      if (kHasBuffer) b_tile.store(buffer + i0, n);
+    }
   }
 }
 
-template <typename P, typename S>
+template <typename P, typename S, Precision kMode>
 void sgd_units(const SgdWork& w) {
   const bool has_buffer = scalars_of<math_t<P>>(w).use_momentum;
   // The one parallel region of the call; see adam_cpu.cpp.
@@ -77,20 +105,27 @@ void sgd_units(const SgdWork& w) {
     for (int64_t k = w.unit_first[u]; k < w.unit_first[u + 1]; ++k) {
       const Segment& seg = w.segments[k];
       if (!has_buffer) {
-        sgd_segment<P, S, Momentum::kNone>(w, seg);
+        sgd_segment<P, S, Momentum::kNone, kMode>(w, seg);
       } else if (w.table[seg.tensor * kSgdCols + kSgdFirstStep] != 0) {
-        sgd_segment<P, S, Momentum::kFirstStep>(w, seg);
+        sgd_segment<P, S, Momentum::kFirstStep, kMode>(w, seg);
       } else {
-        sgd_segment<P, S, Momentum::kUpdate>(w, seg);
+        sgd_segment<P, S, Momentum::kUpdate, kMode>(w, seg);
       }
     }
   }
 }
 
+struct SgdModeRun {
+  template <typename P, typename S, Precision kMode>
+  static void run(const SgdWork& w) {
+    sgd_units<P, S, kMode>(w);
+  }
+};
+
 struct SgdRun {
   template <typename P, typename S>
   static void run(const SgdWork& w) {
-    sgd_units<P, S>(w);
+    with_precision<SgdModeRun, P, S>(w.precision, w);
   }
 };
 

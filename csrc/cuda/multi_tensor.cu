@@ -16,19 +16,6 @@ namespace cuda {
 
 namespace {
 
-// Workspace layout: tensor records (64 B each, from offset 0, so 256-byte
-// aligned), chunk records (8 B each), then the step terms (16 B each) at the
-// next 16-byte boundary.
-size_t terms_offset(int64_t n_tensors, int64_t total_chunks) {
-  const size_t end = sizeof(TensorRecord) * static_cast<size_t>(n_tensors) +
-                     sizeof(ChunkRecord) * static_cast<size_t>(total_chunks);
-  return (end + 15) / 16 * 16;
-}
-
-size_t workspace_bytes(int64_t n_tensors, int64_t total_chunks) {
-  return terms_offset(n_tensors, total_chunks) + sizeof(AdamStepTerms) * static_cast<size_t>(n_tensors);
-}
-
 // Words one upload kernel carries in its parameters. Kernel parameters may
 // take 32764 bytes since CUDA 12.1 on sm_70 and newer; the blob below is
 // 16 bytes of header plus 32000 of payload.
@@ -70,6 +57,13 @@ bool known_dtype(int64_t code) {
   throw std::invalid_argument("address table row " + std::to_string(row) + ", column " + column + ": " + why);
 }
 
+// A step column: a float32 scalar, never 0.
+float* step_pointer(int64_t row, int64_t addr) {
+  if (addr == 0) bad_row(row, "step", "address is 0");
+  if (addr % static_cast<int64_t>(sizeof(float)) != 0) bad_row(row, "step", "not 4-byte aligned");
+  return reinterpret_cast<float*>(static_cast<uintptr_t>(addr));
+}
+
 // Switches the calling thread's capture mode to relaxed for its lifetime, so
 // that cudaMalloc / cudaFree during a capture do not invalidate it.
 class RelaxedCapture {
@@ -103,10 +97,59 @@ void check_dtypes(int64_t param_dtype, int64_t state_dtype) {
   const auto p = static_cast<DType>(param_dtype);
   const auto s = static_cast<DType>(state_dtype);
   const bool low = p == DType::kFloat16 || p == DType::kBFloat16;
-  if (s != p && !(low && s == DType::kFloat32))
+  const bool ok = s == p || (low && s == DType::kFloat32) || (p != DType::kFloat64 && s == DType::kBFloat16);
+  if (!ok)
     throw std::invalid_argument(std::string("state_dtype ") + dtype_name(state_dtype) + " is not allowed with " +
                                 dtype_name(param_dtype) +
-                                " params: the param dtype, or float32 for float16/bfloat16 params");
+                                " params: the param dtype, float32 for float16/bfloat16 params, or bfloat16 "
+                                "for any but float64 params");
+}
+
+Precision precision_mode(int32_t precision) {
+  if (precision < 0 || precision > 3)
+    throw std::invalid_argument("precision must be 0 (round to nearest), 1 (master weights), 2 (stochastic "
+                                "rounding) or 3 (Kahan summation), got " + std::to_string(precision));
+  return static_cast<Precision>(precision);
+}
+
+void check_precision(int32_t precision, int64_t seed, int64_t param_dtype) {
+  static const char* const names[] = {"round to nearest", "master weights", "stochastic rounding",
+                                      "Kahan summation"};
+  const Precision mode = precision_mode(precision);
+  const auto p = static_cast<DType>(param_dtype);
+  if (mode != Precision::kNearest && p != DType::kFloat16 && p != DType::kBFloat16)
+    throw std::invalid_argument("precision " + std::to_string(precision) + " (" + names[precision] +
+                                ") needs float16 or bfloat16 params, got " + dtype_name(param_dtype));
+  if (seed < 0) throw std::invalid_argument("seed must be in [0, 2**63), got " + std::to_string(seed));
+}
+
+PlanLayout::PlanLayout(int64_t n_tensors, int64_t total_chunks) {
+  const size_t n = static_cast<size_t>(n_tensors);
+  steps = sizeof(TensorRecord) * n;
+  chunks = steps + sizeof(float*) * n;
+  terms = (chunks + sizeof(ChunkRecord) * static_cast<size_t>(total_chunks) + 15) / 16 * 16;
+  bytes = terms + sizeof(AdamStepTerms) * n;
+}
+
+std::vector<unsigned long long> plan_tail(const HostPlan& plan) {
+  static_assert(sizeof(float*) == 8 && sizeof(ChunkRecord) == 8, "the tail is 8-byte words");
+  std::vector<unsigned long long> tail(plan.steps.size() + plan.chunks.size());
+  if (!plan.steps.empty()) std::memcpy(tail.data(), plan.steps.data(), 8 * plan.steps.size());
+  if (!plan.chunks.empty()) std::memcpy(tail.data() + plan.steps.size(), plan.chunks.data(), 8 * plan.chunks.size());
+  return tail;
+}
+
+DeviceTables device_tables(char* buf, int64_t n_tensors, int64_t total_chunks, int64_t chunk_elems) {
+  const PlanLayout at(n_tensors, total_chunks);
+  DeviceTables t;
+  t.records = reinterpret_cast<const TensorRecord*>(buf);
+  t.steps = reinterpret_cast<float* const*>(buf + at.steps);
+  t.chunks = reinterpret_cast<const ChunkRecord*>(buf + at.chunks);
+  t.terms = reinterpret_cast<AdamStepTerms*>(buf + at.terms);
+  t.n_tensors = n_tensors;
+  t.total_chunks = total_chunks;
+  t.chunk_elems = chunk_elems;
+  return t;
 }
 
 std::vector<ChunkRecord> plan_chunks(const std::vector<int64_t>& numels, int64_t chunk_elems) {
@@ -159,28 +202,35 @@ int64_t choose_chunk_elems(const std::vector<int64_t>& numels, int sm_count) {
 }
 
 HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state,
-                    int64_t chunk_elems, int sm_count) {
+                    int32_t precision, int64_t chunk_elems, int sm_count) {
   if (n_tensors < 0) throw std::invalid_argument("n_tensors must be >= 0, got " + std::to_string(n_tensors));
   if (n_tensors > 0 && table == nullptr) throw std::invalid_argument("table_addr is 0 with n_tensors > 0");
+  const Precision mode = precision_mode(precision);
+  const bool aux = mode == Precision::kMaster || mode == Precision::kKahan;
+  const bool stochastic = mode == Precision::kStochastic;
   const bool adam = algo == Algorithm::kAdam;
   const int64_t cols = table_cols(algo);
   // Table column of each pointer slot, -1 where the slot is unused.
   int64_t slot_col[kSlots];
   const char* slot_name[kSlots];
   if (adam) {
-    const int64_t c[kSlots] = {kAdamParam, kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, third_state ? kAdamMaxExpAvgSq : -1};
-    const char* nm[kSlots] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+    const int64_t c[kSlots] = {kAdamParam,    kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, third_state ? kAdamMaxExpAvgSq : -1,
+                               aux ? kAdamAux : -1};
+    const char* nm[kSlots] = {"param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "aux"};
     std::copy(c, c + kSlots, slot_col);
     std::copy(nm, nm + kSlots, slot_name);
   } else {
-    const int64_t c[kSlots] = {kSgdParam, kSgdGrad, third_state ? kSgdMomentumBuffer : -1, -1, -1};
-    const char* nm[kSlots] = {"param", "grad", "momentum_buffer", "", ""};
+    const int64_t c[kSlots] = {kSgdParam, kSgdGrad, third_state ? kSgdMomentumBuffer : -1, -1, -1,
+                               aux ? kSgdAux : -1};
+    const char* nm[kSlots] = {"param", "grad", "momentum_buffer", "", "", "aux"};
     std::copy(c, c + kSlots, slot_col);
     std::copy(nm, nm + kSlots, slot_name);
   }
+  const int64_t index_col = adam ? static_cast<int64_t>(kAdamIndex) : static_cast<int64_t>(kSgdIndex);
 
   HostPlan plan;
   plan.records.resize(static_cast<size_t>(n_tensors));
+  plan.steps.assign(static_cast<size_t>(n_tensors), nullptr);
   std::vector<int64_t> numels(static_cast<size_t>(n_tensors));
   for (int64_t i = 0; i < n_tensors; ++i) {
     const int64_t* row = table + i * cols;
@@ -200,12 +250,17 @@ HostPlan plan_table(Algorithm algo, const int64_t* table, int64_t n_tensors, boo
     }
     r.flags = aligned ? kVectorAligned : 0u;
     if (adam) {
-      const int64_t step = row[kAdamStep];
-      if (step == 0) bad_row(i, "step", "address is 0");
-      if (step % static_cast<int64_t>(sizeof(float)) != 0) bad_row(i, "step", "not 4-byte aligned");
-      r.step = reinterpret_cast<float*>(static_cast<uintptr_t>(step));
-    } else if (third_state && row[kSgdFirstStep] != 0) {
-      r.flags |= kFirstStep;
+      plan.steps[static_cast<size_t>(i)] = step_pointer(i, row[kAdamStep]);
+    } else {
+      if (third_state && row[kSgdFirstStep] != 0) r.flags |= kFirstStep;
+      // SGD counts steps for the generator only.
+      if (stochastic) plan.steps[static_cast<size_t>(i)] = step_pointer(i, row[kSgdStep]);
+    }
+    if (stochastic) {
+      const int64_t index = row[index_col];
+      if (index < 0 || index > static_cast<int64_t>(UINT32_MAX))
+        bad_row(i, "index", "must be in [0, 2**32), got " + std::to_string(index));
+      r.index = static_cast<uint32_t>(index);
     }
   }
   plan.chunk_elems = chunk_elems > 0 ? chunk_elems : choose_chunk_elems(numels, sm_count);
@@ -263,16 +318,7 @@ int Workspace::sm_count() {
   return sm_count_;
 }
 
-DeviceTables Workspace::tables() const {
-  DeviceTables t;
-  t.records = reinterpret_cast<const TensorRecord*>(buf_);
-  t.chunks = reinterpret_cast<const ChunkRecord*>(buf_ + sizeof(TensorRecord) * n_tensors_);
-  t.terms = reinterpret_cast<AdamStepTerms*>(buf_ + terms_offset(n_tensors_, total_chunks_));
-  t.n_tensors = n_tensors_;
-  t.total_chunks = total_chunks_;
-  t.chunk_elems = chunk_elems_;
-  return t;
-}
+DeviceTables Workspace::tables() const { return device_tables(buf_, n_tensors_, total_chunks_, chunk_elems_); }
 
 bool Workspace::ensure_capacity(size_t bytes, cudaStream_t stream) {
   if (bytes <= capacity_ && buf_ != nullptr) return false;
@@ -313,65 +359,68 @@ DeviceTables Workspace::prepare_captured(const HostPlan& plan) {
   RelaxedCapture relaxed;
   const int64_t n = static_cast<int64_t>(plan.records.size());
   const int64_t chunks = static_cast<int64_t>(plan.chunks.size());
+  const PlanLayout at(n, chunks);
   char* buf = nullptr;
-  check_cuda(cudaMalloc(&buf, workspace_bytes(n, chunks)), "cudaMalloc (captured tables)");
+  check_cuda(cudaMalloc(&buf, at.bytes), "cudaMalloc (captured tables)");
   graph_buffers_.push_back(buf);
   if (side_stream_ == nullptr)
     check_cuda(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
-  const size_t record_bytes = sizeof(TensorRecord) * static_cast<size_t>(n);
-  if (record_bytes)
-    check_cuda(cudaMemcpyAsync(buf, plan.records.data(), record_bytes, cudaMemcpyHostToDevice, side_stream_),
+  if (at.steps)
+    check_cuda(cudaMemcpyAsync(buf, plan.records.data(), at.steps, cudaMemcpyHostToDevice, side_stream_),
                "cudaMemcpyAsync (captured tables)");
-  if (chunks)
-    check_cuda(cudaMemcpyAsync(buf + record_bytes, plan.chunks.data(), sizeof(ChunkRecord) * plan.chunks.size(),
-                               cudaMemcpyHostToDevice, side_stream_),
+  const std::vector<unsigned long long> tail = plan_tail(plan);
+  if (!tail.empty())
+    check_cuda(cudaMemcpyAsync(buf + at.steps, tail.data(), 8 * tail.size(), cudaMemcpyHostToDevice, side_stream_),
                "cudaMemcpyAsync (captured tables)");
   check_cuda(cudaStreamSynchronize(side_stream_), "cudaStreamSynchronize (captured tables)");
   ++uploads_;
-  DeviceTables t;
-  t.records = reinterpret_cast<const TensorRecord*>(buf);
-  t.chunks = reinterpret_cast<const ChunkRecord*>(buf + record_bytes);
-  t.terms = reinterpret_cast<AdamStepTerms*>(buf + terms_offset(n, chunks));
-  t.n_tensors = n;
-  t.total_chunks = chunks;
-  t.chunk_elems = plan.chunk_elems;
-  return t;
+  return device_tables(buf, n, chunks, plan.chunk_elems);
 }
 
 DeviceTables Workspace::prepare(Algorithm algo, const int64_t* table, int64_t n_tensors, bool third_state,
-                                cudaStream_t stream) {
+                                int32_t precision, cudaStream_t stream) {
   if (stream_capturing(stream))
-    return prepare_captured(plan_table(algo, table, n_tensors, third_state, 0, sm_count()));
+    return prepare_captured(plan_table(algo, table, n_tensors, third_state, precision, 0, sm_count()));
   // A launch of this workspace on another stream may still read the tables:
   // order this call after it.
   if (launched_ && stream != last_stream_)
     check_cuda(cudaStreamWaitEvent(stream, last_use_, 0), "cudaStreamWaitEvent");
 
   const size_t table_words = static_cast<size_t>(n_tensors * table_cols(algo));
-  const bool same_shape = valid_ && algo == algo_ && third_state == third_state_ && n_tensors == n_tensors_ &&
-                          chunk_override_ == launch_overrides().chunk_elems;
+  // The precision decides which columns are read and checked: a change
+  // re-plans even an identical table.
+  const bool same_shape = valid_ && algo == algo_ && third_state == third_state_ && precision == precision_ &&
+                          n_tensors == n_tensors_ && chunk_override_ == launch_overrides().chunk_elems;
   if (same_shape && std::memcmp(mirror_.data(), table, table_words * sizeof(int64_t)) == 0) return tables();
 
   // throws before anything changes
-  HostPlan plan = plan_table(algo, table, n_tensors, third_state, 0, sm_count());
+  HostPlan plan = plan_table(algo, table, n_tensors, third_state, precision, 0, sm_count());
   const int64_t cols = table_cols(algo);
-  bool same_chunks = same_shape && plan.chunk_elems == chunk_elems_;
-  for (int64_t i = 0; same_chunks && i < n_tensors; ++i) same_chunks = mirror_[i * cols] == table[i * cols];
+  const int64_t numel_col = algo == Algorithm::kAdam ? static_cast<int64_t>(kAdamNumel) : static_cast<int64_t>(kSgdNumel);
+  const int64_t step_col = algo == Algorithm::kAdam ? static_cast<int64_t>(kAdamStep) : static_cast<int64_t>(kSgdStep);
+  bool same_tail = same_shape && plan.chunk_elems == chunk_elems_;
+  for (int64_t i = 0; same_tail && i < n_tensors; ++i)
+    same_tail = mirror_[i * cols + numel_col] == table[i * cols + numel_col] &&
+                mirror_[i * cols + step_col] == table[i * cols + step_col];
 
   valid_ = false;
   const int64_t total_chunks = static_cast<int64_t>(plan.chunks.size());
-  const size_t record_bytes = sizeof(TensorRecord) * plan.records.size();
-  const size_t chunk_bytes = sizeof(ChunkRecord) * plan.chunks.size();
-  const bool moved = ensure_capacity(workspace_bytes(n_tensors, total_chunks), stream);
-  if (record_bytes) upload(buf_, plan.records.data(), record_bytes, stream);
-  // The chunk table depends on the sizes only, so an address change (new
-  // grads after zero_grad(set_to_none=True)) uploads the records alone.
-  if (chunk_bytes && (moved || !same_chunks)) upload(buf_ + record_bytes, plan.chunks.data(), chunk_bytes, stream);
+  const PlanLayout at(n_tensors, total_chunks);
+  const bool moved = ensure_capacity(at.bytes, stream);
+  if (at.steps) upload(buf_, plan.records.data(), at.steps, stream);
+  // The step pointers and chunk table depend on the step addresses and the
+  // sizes only, so an address change (new grads after
+  // zero_grad(set_to_none=True)) uploads the records alone.
+  if (moved || !same_tail) {
+    const std::vector<unsigned long long> tail = plan_tail(plan);
+    if (!tail.empty()) upload(buf_ + at.steps, tail.data(), 8 * tail.size(), stream);
+  }
   ++uploads_;
 
   mirror_.assign(table, table + table_words);
   algo_ = algo;
   third_state_ = third_state;
+  precision_ = precision;
   n_tensors_ = n_tensors;
   total_chunks_ = total_chunks;
   chunk_elems_ = plan.chunk_elems;

@@ -8,7 +8,7 @@ csrc/cpu/cpu_common.h). This module builds those from tensors, for
 the plan (plan.py) and the backends:
 
     dtype_code(dtype) -> int
-    build_table(algo, params, grads, state, steps, first_step) -> int64 [n, 7] (Adam) or [n, 5] (SGD)
+    build_table(algo, params, grads, state, steps, first_step, aux, index) -> int64 [n, 9] (Adam) or [n, 8] (SGD)
     to_cpp(module, AdamHyper | SgdHyper) -> the module's struct
 
 The plan builds a table once per validated tensor set and rewrites its param
@@ -46,7 +46,9 @@ class AdamCol(enum.IntEnum):
     EXP_AVG_SQ = 4
     MAX_EXP_AVG_SQ = 5   # 0 unless amsgrad
     STEP = 6             # a float32 scalar
-    COUNT = 7
+    AUX = 7              # precision 1: float32 master copy; 3: Kahan compensation; else 0
+    INDEX = 8            # the tensor's index in the generator's counter
+    COUNT = 9
 
 
 class SgdCol(enum.IntEnum):
@@ -57,7 +59,10 @@ class SgdCol(enum.IntEnum):
     GRAD = 2
     MOMENTUM_BUFFER = 3  # 0 when momentum == 0
     FIRST_STEP = 4       # 1: the buffer was just allocated, set it to g
-    COUNT = 5
+    AUX = 5              # as AdamCol.AUX
+    STEP = 6             # precision 2: a float32 scalar (the generator's step); else 0
+    INDEX = 7            # as AdamCol.INDEX
+    COUNT = 8
 
 
 _CODES = {
@@ -89,14 +94,17 @@ def _ptrs(tensors: Optional[Sequence[torch.Tensor]], n: int) -> list[int]:
     return list(map(_data_ptr, tensors)) if tensors is not None else [0] * n
 
 
-def build_table(algo: str, params, grads, state: dict, steps, first_step) -> np.ndarray:
+def build_table(algo: str, params, grads, state: dict, steps, first_step, aux=None,
+                index=None) -> np.ndarray:
     """The int64 address table (AdamCol or SgdCol rows) of validated lists.
 
     algo "adam": state holds exp_avg, exp_avg_sq and max_exp_avg_sq (None
     without amsgrad: column 0), steps the step tensors. algo "sgd": state
     holds momentum_buffer (None without momentum), first_step the flags.
     The plan (plan.py) owns the array and rewrites its param and grad
-    columns when only addresses move."""
+    columns when only addresses move. aux: the master copies or Kahan
+    compensations (None: column 0); index: the tensors' generator indices
+    (None: 0). SGD's step column holds steps when given (precision 2)."""
     n = len(params)
     if algo == "adam":
         table = np.empty((n, AdamCol.COUNT), dtype=np.int64)
@@ -107,6 +115,8 @@ def build_table(algo: str, params, grads, state: dict, steps, first_step) -> np.
         table[:, AdamCol.EXP_AVG_SQ] = _ptrs(state["exp_avg_sq"], n)
         table[:, AdamCol.MAX_EXP_AVG_SQ] = _ptrs(state.get("max_exp_avg_sq"), n)
         table[:, AdamCol.STEP] = _ptrs(steps, n)
+        table[:, AdamCol.AUX] = _ptrs(aux, n)
+        table[:, AdamCol.INDEX] = list(index) if index is not None else 0
         return table
     table = np.empty((n, SgdCol.COUNT), dtype=np.int64)
     table[:, SgdCol.NUMEL] = list(map(_numel, params))
@@ -114,6 +124,9 @@ def build_table(algo: str, params, grads, state: dict, steps, first_step) -> np.
     table[:, SgdCol.GRAD] = _ptrs(grads, n)
     table[:, SgdCol.MOMENTUM_BUFFER] = _ptrs(state.get("momentum_buffer"), n)
     table[:, SgdCol.FIRST_STEP] = [1 if f else 0 for f in first_step] if first_step is not None else 0
+    table[:, SgdCol.AUX] = _ptrs(aux, n)
+    table[:, SgdCol.STEP] = _ptrs(steps, n)
+    table[:, SgdCol.INDEX] = list(index) if index is not None else 0
     return table
 
 

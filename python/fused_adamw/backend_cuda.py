@@ -21,6 +21,14 @@ The plan (plan.py) owns the address table; this backend keeps a Workspace,
 the device memory that holds the uploaded tables across steps, in the batch's
 resources (one per plan, device and dtype).
 
+Precision modes (issue 12): hyper.precision and hyper.seed travel in the
+hyper struct; the batch's aux tensors (master copies or Kahan
+compensations), tensor indices and, for SGD under stochastic rounding, its
+float32 steps travel in the table's AUX / INDEX / STEP columns. The native
+call checks them (precision 0..3, 1..3 only for float16/bfloat16 params,
+the columns each mode reads) before any launch; mode 0 runs the same kernels
+as before the modes existed.
+
 Importing this module imports fused_adamw._cuda; where that fails (no nvcc
 at build time) the import still succeeds when the emulated module is there,
 and CUDA tensors then raise the stored error. Build with `pip install -e .`;

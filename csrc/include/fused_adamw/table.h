@@ -17,7 +17,10 @@ enum AdamCol : int64_t {
   kAdamExpAvgSq = 4,
   kAdamMaxExpAvgSq = 5,  // 0 unless amsgrad
   kAdamStep = 6,         // a float32 scalar on the params' device, incremented by every call
-  kAdamCols = 7,
+  kAdamAux = 7,          // precision 1: the float32 master copy; 3: the Kahan compensation
+                         // (param dtype); else 0
+  kAdamIndex = 8,        // the tensor's index in the generator's counter (precision 2)
+  kAdamCols = 9,
 };
 
 // Columns of the SGD address table: int64 [n_tensors, kSgdCols].
@@ -27,7 +30,11 @@ enum SgdCol : int64_t {
   kSgdGrad = 2,
   kSgdMomentumBuffer = 3,  // 0 when momentum == 0
   kSgdFirstStep = 4,       // 1: the buffer was just allocated, set buf = g
-  kSgdCols = 5,
+  kSgdAux = 5,             // as kAdamAux
+  kSgdStep = 6,            // precision 2: a float32 scalar incremented by every call
+                           // (the generator's step); else 0
+  kSgdIndex = 7,           // as kAdamIndex
+  kSgdCols = 8,
 };
 
 }  // namespace fused_adamw

@@ -64,6 +64,12 @@ struct MathOf<double> {
 //   decoupled     true: AdamW (Alg. 2 line 12); false: L2 (line 6)
 //   amsgrad       keep max(v) and divide by its root
 //   maximize      ascend: use -grad
+//   precision     how results are stored (both algorithms; rounding.h):
+//                 0 round to nearest; 1 master weights (float32 copy in the
+//                 table's aux column, the param its rounding); 2 stochastic
+//                 rounding of the param and 16-bit state; 3 Kahan summation
+//                 (compensation in the aux column)
+//   seed          the generator's key (precision 2), in [0, 2^63)
 #define FUSED_ADAMW_ADAM_FIELDS(X) \
   X(double, lr, 1e-3)              \
   X(double, beta1, 0.9)            \
@@ -73,7 +79,9 @@ struct MathOf<double> {
   X(double, decay_coeff, 0.)       \
   X(bool, decoupled, true)         \
   X(bool, amsgrad, false)          \
-  X(bool, maximize, false)
+  X(bool, maximize, false)         \
+  X(int32_t, precision, 0)         \
+  X(int64_t, seed, 0)
 
 // SGD / SGDW, one step() call; decoupled: SGDW (Alg. 1 line 9), else L2 (line 6).
 #define FUSED_ADAMW_SGD_FIELDS(X) \
@@ -84,7 +92,9 @@ struct MathOf<double> {
   X(double, decay_coeff, 0.)      \
   X(bool, decoupled, false)       \
   X(bool, nesterov, false)        \
-  X(bool, maximize, false)
+  X(bool, maximize, false)        \
+  X(int32_t, precision, 0)        \
+  X(int64_t, seed, 0)
 
 #define FUSED_ADAMW_DECLARE_FIELD(type, name, init) type name = init;
 struct AdamHyper {
