@@ -409,8 +409,16 @@ def test_sgd_table_columns():
     gs = [torch.randn_like(p) for p in ps]
     bs = [torch.randn_like(p) for p in ps]
     t = _native.build_table("sgd", ps, gs, {"momentum_buffer": bs}, None, [True, False])
-    want = [[p.numel(), p.data_ptr(), g.data_ptr(), b.data_ptr(), f] for p, g, b, f in zip(ps, gs, bs, (1, 0))]
+    # aux, step and the generator's index: 0 without a precision option
+    want = [[p.numel(), p.data_ptr(), g.data_ptr(), b.data_ptr(), f, 0, 0, 0] for p, g, b, f in zip(ps, gs, bs, (1, 0))]
     assert t.dtype == np.int64 and t.flags.c_contiguous and t.tolist() == want
+    aux = [torch.zeros_like(p) for p in ps]
+    steps = [torch.zeros(()) for _ in ps]
+    t = _native.build_table("sgd", ps, gs, {"momentum_buffer": None}, steps, None, aux=aux, index=[4, 9])
+    want = [[p.numel(), p.data_ptr(), g.data_ptr(), 0, 0, a.data_ptr(), s.data_ptr(), k]
+            for p, g, a, s, k in zip(ps, gs, aux, steps, (4, 9))]
+    assert t.tolist() == want
+    assert [c.name for c in _native.SgdCol][-1] == "COUNT" and _native.SgdCol.COUNT == t.shape[1]
 
 
 def test_dtype_codes():
@@ -432,11 +440,11 @@ def _adam_table_for(p, amsgrad_buffer=True):
     (dict(state_dtype=-1), "state_dtype"),
     (dict(param_dtype=0, state_dtype=2), "state_dtype=float16 is not allowed for float32"),
     (dict(param_dtype=0, state_dtype=1), "state_dtype=float64"),
-    (dict(param_dtype=2, state_dtype=3), "state_dtype=bfloat16 is not allowed for float16"),
+    (dict(param_dtype=1, state_dtype=3), "state_dtype=bfloat16 is not allowed for float64"),
     (dict(n_tensors=-1), "n_tensors"),
     (dict(table_addr=0), "table_addr"),
     (dict(num_threads=0), "num_threads"),
-], ids=["param-dtype", "state-dtype", "fp32-fp16state", "fp32-fp64state", "fp16-bf16state", "n-tensors",
+], ids=["param-dtype", "state-dtype", "fp32-fp16state", "fp32-fp64state", "fp64-bf16state", "n-tensors",
         "null-table", "threads"])
 @pytest.mark.parametrize("step", ["adam", "sgd"])
 def test_native_argument_errors(step, kwargs, match):
@@ -518,12 +526,13 @@ def test_hyper_structs_mirror_dataclasses():
     assert _cpu.AdamHyper.FIELDS == tuple(f.name for f in fields(AdamHyper))
     assert _cpu.SgdHyper.FIELDS == tuple(f.name for f in fields(SgdHyper))
     h = AdamHyper(lr=0.5, beta1=0.7, beta2=0.8, eps=1e-3, weight_decay=0.2, decay_coeff=0.3,
-                  decoupled=False, amsgrad=True, maximize=True)
+                  decoupled=False, amsgrad=True, maximize=True, precision=2, seed=2**63 - 5)
     c = _native.to_cpp(_cpu, h)
-    assert tuple(getattr(c, f) for f in c.FIELDS) == (0.5, 0.7, 0.8, 1e-3, 0.2, 0.3, False, True, True)
+    assert tuple(getattr(c, f) for f in c.FIELDS) == (0.5, 0.7, 0.8, 1e-3, 0.2, 0.3, False, True, True, 2,
+                                                      2**63 - 5)
     s = SgdHyper(lr=0.5, momentum=0.7, dampening=0.1, weight_decay=0.2, decay_coeff=0.3, decoupled=True,
-                 nesterov=True, maximize=True)
+                 nesterov=True, maximize=True, precision=3, seed=7)
     c = _native.to_cpp(_cpu, s)
-    assert tuple(getattr(c, f) for f in c.FIELDS) == (0.5, 0.7, 0.1, 0.2, 0.3, True, True, True)
+    assert tuple(getattr(c, f) for f in c.FIELDS) == (0.5, 0.7, 0.1, 0.2, 0.3, True, True, True, 3, 7)
     with pytest.raises(TypeError, match="unknown keyword"):
         _cpu.AdamHyper(lr=1.0, momentum=0.9)

@@ -20,6 +20,27 @@ Decay conventions (`decay_scaling`):
 the group's "initial_lr" (set by torch's LR schedulers), else the lr the group
 had when the optimizer first saw it (kept as "first_lr", so it survives a
 state-dict round trip).
+
+Precision and memory (group keys, every class and backend; the float64 model
+of each is in fused_adamw.reference, `adam_step_lp`):
+  state_dtype          None (the param's dtype, as torch), torch.float32 (for
+                       16-bit params) or torch.bfloat16 (any but float64):
+                       the storage of the moments; math is float32 regardless
+  master_weights       16-bit params: a float32 copy in state["master_param"]
+                       takes the update; the param is its rounding to nearest
+  stochastic_rounding  16-bit params: the param (and 16-bit state) is rounded
+                       up or down with the probability that makes its expected
+                       value the float32 result; the random bits are
+                       Philox-4x32-10 keyed on the group's `seed` with counter
+                       (element, the param's number in state_dict(), step)
+  kahan_summation      16-bit params: state["kahan_comp"] (param dtype)
+                       carries what rounding the param dropped into the next step
+  seed                 the generator's key, in [0, 2**63); None:
+                       torch.initial_seed() when the group is added (no draw
+                       from torch's generator). In the state dict with
+                       stochastic_rounding only.
+At most one of the three options per group; they need float16/bfloat16
+params. The options torch lacks run eagerly under torch.compile.
 """
 from __future__ import annotations
 
@@ -32,16 +53,28 @@ import torch
 from torch.optim import Optimizer
 
 from . import dispatch, ops
-from .hyper import AdamHyper, SgdHyper
-from .plan import _PLAIN, GroupPlan
+from .hyper import PRECISION_NEAREST, PRECISION_OPTIONS, AdamHyper, SgdHyper, precision_code
+from .plan import _PLAIN, KAHAN_KEY, MASTER_KEY, STATE_DTYPES, GroupPlan, check_precision_params
 
 DECAY_SCALINGS = ("lr", "schedule")
 
 # Group keys this package adds to torch's; carried over from the optimizer's own
 # configuration when a state dict that lacks them (one saved by torch.optim) is loaded.
-_OWN_KEYS = ("decay_scaling", "state_dtype", "backend", "decay_base_lr", "first_lr", "decoupled_weight_decay")
+_OWN_KEYS = ("decay_scaling", "state_dtype", "backend", "decay_base_lr", "first_lr", "decoupled_weight_decay",
+             "master_weights", "stochastic_rounding", "kahan_summation", "seed")
 # Their values at which this package behaves as torch.optim (state_dict leaves them out).
-_TORCH_VALUES = {"decay_scaling": "lr", "state_dtype": None, "decay_base_lr": None}
+_TORCH_VALUES = {"decay_scaling": "lr", "state_dtype": None, "decay_base_lr": None, "master_weights": False,
+                 "stochastic_rounding": False, "kahan_summation": False}
+SEED_LIMIT = 2 ** 63  # seeds are in [0, 2**63)
+
+
+def _group_seed(group: dict[str, Any]) -> int:
+    """The group's generator key; None (a group made before the key existed,
+    or a user's reset) is resolved as add_param_group does."""
+    seed = group.get("seed")
+    if seed is None:
+        seed = group["seed"] = torch.initial_seed() % SEED_LIMIT
+    return int(seed)
 
 
 class DecayScheduleWarning(UserWarning):
@@ -183,6 +216,11 @@ class _FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("first_lr", _as_float(group["lr"], "lr"))
+        # The generator's key of stochastic rounding when not given: torch's
+        # seed of this process (torch.manual_seed sets it), read without
+        # drawing from torch's generator, so the option changes no other stream.
+        _group_seed(group)
+        check_precision_params(group, group["params"])
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         """The checks every group's hyperparameters pass, with torch.optim's
@@ -201,8 +239,23 @@ class _FusedOptimizer(Optimizer):
         if group["backend"] not in dispatch.BACKENDS:
             raise ValueError(f"Invalid backend={group['backend']!r}: expected one of {dispatch.BACKENDS}")
         sd = group["state_dtype"]
-        if sd is not None and sd != torch.float32:
-            raise ValueError(f"Invalid state_dtype={sd}: expected None (the param's dtype) or torch.float32")
+        if sd not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype={sd}: expected None (the param's dtype), torch.float32 "
+                             "or torch.bfloat16")
+        chosen = []
+        for key in PRECISION_OPTIONS:
+            value = group.get(key, False)
+            if not isinstance(value, bool):
+                raise TypeError(f"{key} must be True or False, got {type(value).__name__} {value!r}")
+            if value:
+                chosen.append(key)
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} cannot be combined: choose at most one of master_weights, "
+                             "stochastic_rounding and kahan_summation")
+        seed = group.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= int(seed) < SEED_LIMIT):
+            raise ValueError(f"Invalid seed={seed!r}: expected None or an int in [0, 2**63)")
         base = group.get("decay_base_lr")
         if base is not None and not _as_float(base, "decay_base_lr") > 0.0:
             raise ValueError(f"Invalid decay_base_lr={base}: the lr at which eta_t = 1 must be > 0")
@@ -246,6 +299,8 @@ class _FusedOptimizer(Optimizer):
             return value == _TORCH_VALUES[key]
         if key == "decoupled_weight_decay":  # torch.optim.SGD has no such key
             return self.ALGO == "sgd" and not value
+        if key == "seed":  # says something only with stochastic rounding
+            return not group.get("stochastic_rounding")
         return False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -282,7 +337,10 @@ class _FusedOptimizer(Optimizer):
                 if key == "step":
                     st[key] = torch.as_tensor(value).detach().to(device=p.device, dtype=torch.float32).clone()
                 elif isinstance(value, torch.Tensor) and value.shape == p.shape:
-                    t = torch.empty_like(p, dtype=sd if not p.is_complex() else None)
+                    # The master copy stays float32, the compensation in the
+                    # param's dtype, the moments in the group's state dtype.
+                    dtype = {MASTER_KEY: torch.float32, KAHAN_KEY: p.dtype}.get(key, sd)
+                    t = torch.empty_like(p, dtype=dtype if not p.is_complex() else None)
                     st[key] = t.copy_(value.detach())
 
     def _fixed_decoupled(self) -> bool:
@@ -375,6 +433,18 @@ class _FusedOptimizer(Optimizer):
     def _hyper(self, group: dict[str, Any]):
         raise NotImplementedError
 
+    def _init_precision_state(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """The state the group's precision option keeps, made where missing
+        (the option's first step, or a state loaded without it): the float32
+        master copy (from the param's value), the zero compensation, SGD's
+        step count (the generator's counter under stochastic rounding)."""
+        if group.get("master_weights") and MASTER_KEY not in state:
+            state[MASTER_KEY] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+        if group.get("kahan_summation") and KAHAN_KEY not in state:
+            state[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group.get("stochastic_rounding") and "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+
     # ------------------------------------------------------------ under torch.compile
     def _compiled_step_group(self, group: dict[str, Any], grad_scale, found_inf) -> bool:
         """The step of one group as Dynamo traces it: gather the params with
@@ -439,8 +509,8 @@ class _FusedOptimizer(Optimizer):
     def _compilable(group: dict[str, Any]) -> bool:
         """Whether the custom ops take this group (Dynamo evaluates it while
         tracing and guards on what it read)."""
-        if group.get("differentiable"):
-            return False
+        if group.get("differentiable") or precision_code(group) != PRECISION_NEAREST:
+            return False  # the precision options run eagerly (their state is the plan's)
         for p in group["params"]:
             g = p.grad
             if g is None:
@@ -494,7 +564,9 @@ class _AlwaysDecoupled:
 
 class Adam(_FusedOptimizer):
     """torch.optim.Adam's interface (L2 decay unless decoupled_weight_decay=True),
-    fused. Extra keywords: decay_scaling, decay_base_lr, state_dtype, backend."""
+    fused. Extra keywords: decay_scaling, decay_base_lr, state_dtype, backend,
+    and the precision options master_weights, stochastic_rounding,
+    kahan_summation, seed (README.md, "Precision and memory")."""
 
     ALGO = "adam"
 
@@ -503,12 +575,16 @@ class Adam(_FusedOptimizer):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
                  decay_scaling: str = "lr", decay_base_lr: Optional[float] = None,
-                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> None:
+                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto",
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 kahan_summation: bool = False, seed: Optional[int] = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay, decay_scaling=decay_scaling,
-                        decay_base_lr=decay_base_lr, state_dtype=state_dtype, backend=backend)
+                        decay_base_lr=decay_base_lr, state_dtype=state_dtype, backend=backend,
+                        master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                        kahan_summation=kahan_summation, seed=seed)
         super().__init__(params, defaults)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
@@ -538,7 +614,8 @@ class Adam(_FusedOptimizer):
         return AdamHyper(lr=lr, beta1=_as_float(beta1, "betas[0]"), beta2=_as_float(beta2, "betas[1]"),
                          eps=_as_float(group["eps"], "eps"), weight_decay=_as_float(group["weight_decay"], "weight_decay"),
                          decay_coeff=decay, decoupled=decoupled, amsgrad=bool(group["amsgrad"]),
-                         maximize=bool(group["maximize"]))
+                         maximize=bool(group["maximize"]), precision=precision_code(group),
+                         seed=_group_seed(group))
 
 
 class AdamW(_AlwaysDecoupled, Adam):
@@ -553,17 +630,22 @@ class AdamW(_AlwaysDecoupled, Adam):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decay_scaling: str = "lr", decay_base_lr: Optional[float] = None,
-                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> None:
+                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto",
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 kahan_summation: bool = False, seed: Optional[int] = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, decay_scaling=decay_scaling, decay_base_lr=decay_base_lr,
-                         state_dtype=state_dtype, backend=backend)
+                         state_dtype=state_dtype, backend=backend, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, kahan_summation=kahan_summation, seed=seed)
 
 
 class SGD(_FusedOptimizer):
     """torch.optim.SGD's interface (L2 weight decay), fused. Extra keywords:
-    decoupled_weight_decay, decay_scaling, decay_base_lr, state_dtype, backend.
-    Without momentum it keeps no per-param state, as torch."""
+    decoupled_weight_decay, decay_scaling, decay_base_lr, state_dtype, backend,
+    master_weights, stochastic_rounding, kahan_summation, seed. Without
+    momentum it keeps no per-param state, as torch (the precision options
+    keep theirs)."""
 
     ALGO = "sgd"
 
@@ -572,12 +654,14 @@ class SGD(_FusedOptimizer):
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  decoupled_weight_decay: bool = False, decay_scaling: str = "lr",
                  decay_base_lr: Optional[float] = None, state_dtype: Optional[torch.dtype] = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", master_weights: bool = False, stochastic_rounding: bool = False,
+                 kahan_summation: bool = False, seed: Optional[int] = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay,
                         decay_scaling=decay_scaling, decay_base_lr=decay_base_lr, state_dtype=state_dtype,
-                        backend=backend)
+                        backend=backend, master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                        kahan_summation=kahan_summation, seed=seed)
         super().__init__(params, defaults)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
@@ -599,7 +683,8 @@ class SGD(_FusedOptimizer):
                         dampening=_as_float(group["dampening"], "dampening"),
                         weight_decay=_as_float(group["weight_decay"], "weight_decay"),
                         decay_coeff=self._decay_coeff(group, float(lr)) if decoupled else 0.0,
-                        decoupled=decoupled, nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+                        decoupled=decoupled, nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+                        precision=precision_code(group), seed=_group_seed(group))
 
 
 class SGDW(_AlwaysDecoupled, SGD):
@@ -610,8 +695,11 @@ class SGDW(_AlwaysDecoupled, SGD):
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  decay_scaling: str = "lr", decay_base_lr: Optional[float] = None,
-                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> None:
+                 state_dtype: Optional[torch.dtype] = None, backend: str = "auto",
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 kahan_summation: bool = False, seed: Optional[int] = None) -> None:
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, decay_scaling=decay_scaling, decay_base_lr=decay_base_lr,
-                         state_dtype=state_dtype, backend=backend)
+                         state_dtype=state_dtype, backend=backend, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, kahan_summation=kahan_summation, seed=seed)

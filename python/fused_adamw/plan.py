@@ -10,7 +10,14 @@ scalars) -> `GroupPlan.step` (this file) -> a backend module's `adam_step` /
     and strides, no overlap), with errors that name the argument;
   * bucketing by (device, dtype) and resolving the backend of each bucket;
   * routing what no kernel serves (strided-view params, sparse grads) to
-    torch.optim's own functional implementation (backend_functional.py);
+    torch.optim's own functional implementation (backend_functional.py), or,
+    for a group with options torch.optim lacks (bfloat16 state for
+    float32/float16 params, master_weights, stochastic_rounding,
+    kahan_summation), to backend torch's code, which takes any layout;
+  * the precision options' state (the float32 master copy, the Kahan
+    compensation, SGD's step count under stochastic rounding: made by the
+    optimizer's _init_precision_state) and each param's number in the
+    generator's counter (its number in state_dict());
   * the address tables (_native.py) and each backend's long-lived resources
     (a CUDA workspace, Triton's device tables), per (backend, device, dtype).
 
@@ -23,7 +30,7 @@ change it and how cheaply each part is read:
     the optimizer state's version (optim._VersionedState counts every
     assignment to `opt.state`, to a param's state dict, and replacements of
     `opt.state` itself), and the group keys the plan reads (backend,
-    state_dtype, amsgrad, whether momentum is on). Any change rebuilds and
+    state_dtype, amsgrad, whether momentum is on, the precision option). Any change rebuilds and
     revalidates everything.
   * user-held tensors (params, grads), read every step: their metadata
     (sizes, strides, dtype, device) and their addresses. A metadata change
@@ -61,6 +68,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import _native, dispatch
+from .hyper import PRECISION_OPTIONS, PRECISION_NEAREST, PRECISION_MASTER, PRECISION_KAHAN, PRECISION_STOCHASTIC, precision_code
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -70,6 +78,11 @@ _PTR = torch.Tensor.data_ptr
 _DETACH = torch.Tensor.detach
 _LABELS = {(name, algo): f"fused_adamw::{name}::{algo}_step"
            for name in (*dispatch.BACKENDS, "functional") for algo in ("adam", "sgd")}
+
+# The state entry a precision mode keeps beside the moments (the table's aux column).
+MASTER_KEY = "master_param"  # the float32 copy (master_weights=True)
+KAHAN_KEY = "kahan_comp"     # the compensation, in the param's dtype (kahan_summation=True)
+_AUX_NAMES = {PRECISION_MASTER: MASTER_KEY, PRECISION_KAHAN: KAHAN_KEY}
 
 # Which state entries the kernels read, per algorithm, in table order.
 ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -162,24 +175,31 @@ class Batch:
     torch and functional backends); `resources` a dict the backend keeps
     derived things in (device copies of the table, a CUDA workspace) for as
     long as the plan keeps this (backend, device, dtype). `state_dicts` (the
-    functional route only) are the params' own state dicts.
+    functional route only) are the params' own state dicts. `aux` (None, or
+    one tensor per param) holds the float32 master copies (precision 1) or
+    the Kahan compensations in the param dtype (precision 3); `tensor_index`
+    the tensors' indices in the generator's counter (precision 2); SGD's
+    `steps` are the generator's step counts under precision 2, else None.
 
     `Batch.adam(...)` / `Batch.sgd(...)` validate lists and build one; tests
     and tools call the backends that way too."""
 
     __slots__ = ("algo", "device", "dtype", "state_dtype", "params", "grads", "state", "steps",
                  "first_step", "table", "version", "resources", "state_dicts", "differentiable",
-                 "_array", "_grad_ptrs")
+                 "aux", "tensor_index", "_array", "_grad_ptrs")
 
     def __init__(self, algo: str, params: list, grads: list, state: dict, steps: Optional[list],
                  first_step: Optional[list], resources: Optional[dict] = None, build_table: bool = True,
-                 state_dtype: Optional[torch.dtype] = None) -> None:
+                 state_dtype: Optional[torch.dtype] = None, aux: Optional[list] = None,
+                 tensor_index: Optional[list] = None) -> None:
         self.algo = algo
         self.params = params
         self.grads = grads
         self.state = state
         self.steps = steps
         self.first_step = first_step
+        self.aux = aux
+        self.tensor_index = list(tensor_index) if tensor_index is not None else [0] * len(params)
         self.device = params[0].device if params else torch.device("cpu")
         self.dtype = params[0].dtype if params else torch.float32
         self.state_dtype = state_dtype or self.dtype
@@ -191,7 +211,8 @@ class Batch:
         self._grad_ptrs = None
         self.table = None
         if build_table and params:
-            self._array = _native.build_table(algo, params, grads, state, steps, first_step)
+            self._array = _native.build_table(algo, params, grads, state, steps, first_step,
+                                              aux=aux, index=self.tensor_index)
             self.table = torch.from_numpy(self._array)
         if all(g.layout == torch.strided for g in grads):
             # Where each grad is (set_grads checks a grad that moved; sparse
@@ -240,22 +261,31 @@ class Batch:
 
     @classmethod
     def adam(cls, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-             resources: Optional[dict] = None) -> "Batch":
-        """A validated Adam batch from lists."""
+             resources: Optional[dict] = None, *, aux: Optional[Sequence] = None,
+             tensor_index: Optional[Sequence[int]] = None) -> "Batch":
+        """A validated Adam batch from lists (aux, tensor_index: see the class)."""
         state = {"exp_avg": list(exp_avgs), "exp_avg_sq": list(exp_avg_sqs),
                  "max_exp_avg_sq": list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else None}
         sd = exp_avgs[0].dtype if len(exp_avgs) else None
         _validate_lists(params, grads, state, sd, steps)
-        return cls("adam", list(params), list(grads), state, list(steps), None, resources, state_dtype=sd)
+        _validate_extras(params, aux, tensor_index)
+        return cls("adam", list(params), list(grads), state, list(steps), None, resources, state_dtype=sd,
+                   aux=list(aux) if aux is not None else None, tensor_index=tensor_index)
 
     @classmethod
-    def sgd(cls, params, grads, momentum_buffers, first_step, resources: Optional[dict] = None) -> "Batch":
-        """A validated SGD batch from lists (momentum_buffers None without momentum)."""
+    def sgd(cls, params, grads, momentum_buffers, first_step, resources: Optional[dict] = None, *,
+            aux: Optional[Sequence] = None, tensor_index: Optional[Sequence[int]] = None,
+            steps: Optional[Sequence] = None) -> "Batch":
+        """A validated SGD batch from lists (momentum_buffers None without momentum;
+        aux, tensor_index, steps: see the class)."""
         state = {"momentum_buffer": list(momentum_buffers) if momentum_buffers is not None else None}
         sd = momentum_buffers[0].dtype if momentum_buffers else None
-        _validate_lists(params, grads, state, sd, None)
+        _validate_lists(params, grads, state, sd, steps)
+        _validate_extras(params, aux, tensor_index)
         flags = [bool(f) for f in first_step] if first_step is not None else [False] * len(params)
-        return cls("sgd", list(params), list(grads), state, None, flags, resources, state_dtype=sd)
+        return cls("sgd", list(params), list(grads), state, list(steps) if steps is not None else None,
+                   flags, resources, state_dtype=sd, aux=list(aux) if aux is not None else None,
+                   tensor_index=tensor_index)
 
 
 # ---------------------------------------------------------------- validation
@@ -349,15 +379,58 @@ def _check_no_overlap(params: Sequence[torch.Tensor], index: Sequence[int]) -> N
             )
 
 
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)   # a group's state_dtype
+
+
+def check_precision_params(group: dict, params) -> None:
+    """A group's precision options against its params' dtypes:
+    master_weights, stochastic_rounding and kahan_summation need float16 or
+    bfloat16 params, state_dtype=torch.bfloat16 real params other than float64."""
+    chosen = [k for k in PRECISION_OPTIONS if group.get(k)]
+    bf16_state = group.get("state_dtype") == torch.bfloat16
+    if not chosen and not bf16_state:
+        return
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            continue
+        if chosen and p.dtype not in _LOW_PRECISION:
+            raise ValueError(f"{chosen[0]}=True needs float16 or bfloat16 params, but params[{i}] is {p.dtype} "
+                             "(put such params in a param group of their own without it)")
+        if bf16_state and (p.dtype == torch.float64 or p.is_complex()):
+            raise ValueError(f"state_dtype=torch.bfloat16 is not supported for {p.dtype} params "
+                             f"(params[{i}]); use None or torch.float32 for them")
+
+
 def expected_state_dtype(dtype: torch.dtype, state_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The state dtype for `dtype` params under the group's state_dtype."""
     sd = state_dtype or dtype
-    if sd != dtype and not (sd == torch.float32 and dtype in _LOW_PRECISION):
+    ok = (sd == dtype or (sd == torch.float32 and dtype in _LOW_PRECISION)
+          or (sd == torch.bfloat16 and dtype in (torch.float32, torch.float16)))
+    if not ok:
         raise TypeError(
-            f"state_dtype={sd} is not supported for {dtype} params: use None (the param's dtype) "
-            "or torch.float32 with float16/bfloat16 params"
+            f"state_dtype={sd} is not supported for {dtype} params: use None (the param's dtype), "
+            "torch.float32 with float16/bfloat16 params, or torch.bfloat16 with any but float64 params"
         )
     return sd
+
+
+def _validate_extras(params, aux, tensor_index) -> None:
+    """aux (master copies or Kahan compensations) and generator indices of a batch."""
+    if tensor_index is not None:
+        if len(tensor_index) != len(params):
+            raise ValueError(f"got {len(tensor_index)} tensor indices for {len(params)} params")
+        for i, k in enumerate(tensor_index):
+            if not isinstance(k, int) or not 0 <= k < 2 ** 32:
+                raise ValueError(f"tensor_index[{i}] must be an int in [0, 2**32), got {k!r}")
+    if aux is None:
+        return
+    if len(aux) != len(params):
+        raise ValueError(f"got {len(aux)} aux tensors for {len(params)} params")
+    for i, (p, a) in enumerate(zip(params, aux)):
+        if not isinstance(a, torch.Tensor) or a.dtype not in (torch.float32, p.dtype):
+            raise TypeError(f"aux[{i}] must be a float32 or {p.dtype} tensor, got {a!r:.80}")
+        _check_state(i, "aux", a, p, a.dtype)
+        _check_covered("aux of params", i, a)
 
 
 def _validate_lists(params, grads, state: dict, state_dtype, steps) -> None:
@@ -494,7 +567,7 @@ class GroupPlan:
 
     def _rest_key(self, opt, group) -> tuple:
         return (id(opt.state), opt.state.version, group["backend"], group["state_dtype"],
-                self._state_names(group), bool(group.get("differentiable")))
+                self._state_names(group), bool(group.get("differentiable")), precision_code(group))
 
     def _state_names(self, group) -> tuple:
         if self.algo == "adam":
@@ -605,9 +678,18 @@ class GroupPlan:
         users = [p for p, h in zip(params, has) if h]
         user_grads = [g for g, h in zip(grads, has) if h]
         functional_group = bool(group.get("differentiable"))
+        precision = precision_code(group)
+        # Options torch.optim's functional code lacks: bfloat16 state for
+        # float32/float16 params, and the precision modes.
+        options = precision != PRECISION_NEAREST or (
+            group["state_dtype"] == torch.bfloat16 and any(p.dtype != torch.bfloat16 for p in users))
+        if options and functional_group:
+            raise ValueError("differentiable=True cannot be combined with state_dtype=torch.bfloat16 or "
+                             "master_weights / stochastic_rounding / kahan_summation")
         for i, (p, g) in enumerate(zip(users, user_grads)):
             _check_param(i, p)
-            _check_grad(i, p, g, sparse_ok=self.algo == "sgd")
+            _check_grad(i, p, g, sparse_ok=self.algo == "sgd" and not options)
+        check_precision_params(group, users)
         names = self._state_names(group)
         dtensor = any(map(_is_dtensor, users)) or any(map(_is_dtensor, user_grads))
         states = []
@@ -618,6 +700,9 @@ class GroupPlan:
                 opt._init_state(p, group, st)
             if self.algo == "adam" and "max_exp_avg_sq" in names and "max_exp_avg_sq" not in st:
                 st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"])  # amsgrad switched on mid-run
+            if precision != PRECISION_NEAREST:
+                st = opt.state[p]
+                opt._init_precision_state(p, group, st)
             states.append(st)
             if dtensor:
                 _check_dtensor_pairing(len(states) - 1, p, user_grads[len(states) - 1], st, names)
@@ -630,6 +715,11 @@ class GroupPlan:
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(kparams):
             groups.setdefault((p.device, p.dtype), []).append(i)
+        extra = {"precision": precision, "aux_name": _AUX_NAMES.get(precision), "index": None}
+        if precision == PRECISION_STOCHASTIC:
+            # The generator's tensor index: the param's number in state_dict().
+            number = {id(q): k for k, q in enumerate(q for g in opt.param_groups for q in g["params"])}
+            extra["index"] = [number[id(p)] % 2 ** 32 for p in users]
         buckets = []
         for (device, dtype), idx in groups.items():
             sd = expected_state_dtype(dtype, group["state_dtype"])
@@ -637,14 +727,20 @@ class GroupPlan:
             if functional_group:
                 fast, slow = [], idx
             else:
-                ok = [self._kernel_ok(kparams[i], kgrads[i], states[i], names) for i in idx]
+                checked = names + ((extra["aux_name"],) if extra["aux_name"] else ())
+                ok = [self._kernel_ok(kparams[i], kgrads[i], states[i], checked) for i in idx]
                 fast = [i for i, k in zip(idx, ok) if k]
                 slow = [i for i, k in zip(idx, ok) if not k]
             whole = len(idx) == len(kparams)
             if fast:
                 buckets.append(self._kernel_bucket(opt, group, users, kparams, kgrads, states, fast,
-                                                   whole and not slow, names, sd, backend))
-            if slow:
+                                                   whole and not slow, names, sd, backend, extra))
+            if slow and options:
+                # Strided views under the options: backend torch's code, which
+                # takes any layout, on the kernels' views of the tensors.
+                buckets.append(self._kernel_bucket(opt, group, users, kparams, kgrads, states, slow, False,
+                                                   names, sd, "torch", extra, dense=False))
+            elif slow:
                 buckets.append(self._functional_bucket(opt, group, users, user_grads, states, slow, names, sd,
                                                        functional_group))
         self._buckets = buckets
@@ -701,14 +797,18 @@ class GroupPlan:
                 return False
         return True
 
-    def _kernel_bucket(self, opt, group, users, kparams, kgrads, states, idx, whole, names, sd, backend) -> _Bucket:
+    def _kernel_bucket(self, opt, group, users, kparams, kgrads, states, idx, whole, names, sd, backend,
+                       extra, dense: bool = True) -> _Bucket:
+        """A backend's batch of the params idx. dense=False: params that are
+        strided views, for backend torch (which pairs elements by index, and
+        whose state need not share the param's strides)."""
         params = [kparams[i] for i in idx]
         grads = [kgrads[i] for i in idx]
         copy_grads = []
         for j, (p, g) in enumerate(zip(params, grads)):
             _check_covered("params", idx[j], p)
             _check_covered("grads", idx[j], g)
-            if g.stride() != p.stride() and p.numel() > 1:
+            if dense and g.stride() != p.stride() and p.numel() > 1:
                 # The kernels pair elements by storage position: a grad in
                 # another layout (a contiguous grad of a channels_last
                 # param) is read through a copy in the param's layout.
@@ -733,22 +833,35 @@ class GroupPlan:
                     first[j] = True
                     self._first.append(st)
                 s = _real(_local(s))
-                _check_state(i, name, s, params[j], sd)
+                _check_state(i, name, s, params[j], sd, same_strides=dense)
                 _check_covered(f"state {name!r} of params", i, s)
                 col.append(s)
             state[name] = col
+        aux = None
+        aux_name = extra["aux_name"]
+        if aux_name is not None:
+            aux = []
+            for j, i in enumerate(idx):
+                a = _local(states[i].get(aux_name))
+                _check_state(i, aux_name, a, params[j],
+                             torch.float32 if aux_name == MASTER_KEY else params[j].dtype, same_strides=dense)
+                _check_covered(f"state {aux_name!r} of params", i, a)
+                aux.append(a)
         steps = None
-        if self.algo == "adam":
+        if self.algo == "adam" or extra["precision"] == PRECISION_STOCHASTIC:
             steps = [states[i].get("step") for i in idx]
             for i, s in zip(idx, steps):
                 _check_step(i, s, kparams[i].device)
-        _check_no_overlap(kparams, idx)
+        index = [extra["index"][i] for i in idx] if extra["index"] is not None else None
+        if dense:
+            _check_no_overlap(kparams, idx)
         # The plan's own views of the state's storage (module docstring).
         held = {k: (list(map(_DETACH, v)) if v is not None else None) for k, v in state.items()}
         held_steps = list(map(_DETACH, steps)) if steps is not None else None
+        held_aux = list(map(_DETACH, aux)) if aux is not None else None
         resources = self.resources.setdefault((backend, params[0].device, params[0].dtype), {})
         batch = Batch(self.algo, params, grads, held, held_steps, first, resources,
-                      build_table=backend in _KERNEL_BACKENDS, state_dtype=sd)
+                      build_table=backend in _KERNEL_BACKENDS, state_dtype=sd, aux=held_aux, tensor_index=index)
         return _Bucket(idx, whole, backend, self.algo, batch, copy_grads)
 
     def _functional_bucket(self, opt, group, users, user_grads, states, idx, names, sd, differentiable) -> _Bucket:
