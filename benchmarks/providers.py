@@ -10,9 +10,12 @@ returns a Runner whose step() is one whole opt.step(). Providers:
   fused_adamw-<b> fused_adamw.<Opt>(..., backend=b) for b in
                   fused_adamw.available_backends(device)
 
-The optimizer configuration (OptConfig) and the bytes one step must move
+The optimizer configuration (OptConfig: optimizer, dtype, and this package's
+storage options, state_dtype and precision) and the bytes one step must move
 (bytes_per_step) live here too, since both depend on which optimizer runs.
-Used by benchmarks/run.py.
+The storage options go to the fused_adamw providers only: torch.optim has no
+twin, so the torch providers run the plain configuration (their Runner says
+what they ran, and the rows say so). Used by benchmarks/run.py.
 """
 from __future__ import annotations
 
@@ -47,6 +50,21 @@ DTYPES: Dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
+
+class Precision(str, enum.Enum):
+    """How a 16-bit param takes the update (issue 12; fused_adamw.optim's
+    keywords). NEAREST is round to nearest, what torch does."""
+    NEAREST = "nearest"
+    MASTER = "master"
+    STOCHASTIC = "stochastic"
+    KAHAN = "kahan"
+
+    @property
+    def keyword(self) -> Optional[str]:
+        """The optimizer keyword that turns it on (None for NEAREST)."""
+        return {Precision.MASTER: "master_weights", Precision.STOCHASTIC: "stochastic_rounding",
+                Precision.KAHAN: "kahan_summation"}.get(self)
+
 # lr = 1e-2 rather than torch's 1e-3 default: the update must be several bf16
 # ulps of the params (|p| ~ 0.1, see workloads.fill_param_) for the
 # correctness check to catch a wrong learning rate; speed does not depend on it.
@@ -58,10 +76,19 @@ SGD_HYPER = dict(lr=1e-2, momentum=0.9, dampening=0.0, nesterov=False, weight_de
 class OptConfig:
     optimizer: OptimizerKind = OptimizerKind.ADAMW
     dtype: torch.dtype = torch.float32
-    # fp32 state for 16-bit params: a fused_adamw keyword only; the torch
-    # providers keep state in the param dtype (torch has no such option).
+    # The storage options, fused_adamw keywords only (the torch providers run
+    # without them): state_dtype None (the param's dtype), float32 (16-bit
+    # params) or bfloat16; precision other than NEAREST for 16-bit params.
     state_dtype: Optional[torch.dtype] = None
     amsgrad: bool = False
+    precision: Precision = Precision.NEAREST
+    # The generator's key with Precision.STOCHASTIC (the package's `seed`).
+    seed: int = 0
+
+    @property
+    def has_options(self) -> bool:
+        """Whether the package's run differs from torch's by design."""
+        return self.precision is not Precision.NEAREST or self.state_dtype not in (None, self.dtype)
 
     def torch_class(self) -> Tuple[type, dict]:
         """torch.optim class and keywords computing the same update."""
@@ -81,12 +108,34 @@ class OptConfig:
         _, kwargs = self.torch_class()
         if self.state_dtype is not None:
             kwargs["state_dtype"] = self.state_dtype
+        if self.precision.keyword:
+            kwargs[self.precision.keyword] = True
+        if self.precision is Precision.STOCHASTIC:
+            kwargs["seed"] = self.seed
         return getattr(fa, cls_name), kwargs
+
+    def reference_kwargs(self) -> dict:
+        """Keywords of fused_adamw.reference.adam_step / sgd_step (and their
+        _lp models) for the update torch_class computes."""
+        _, kwargs = self.torch_class()
+        return dict(kwargs, decoupled=self.optimizer in (OptimizerKind.ADAMW, OptimizerKind.SGDW))
 
     def note(self) -> str:
         if self.optimizer is OptimizerKind.SGDW:
             return "SGDW run with weight_decay=0 (= torch SGD; decoupled decay has no torch twin)"
         return ""
+
+    def torch_note(self) -> str:
+        """What a torch provider's row says when the options do not apply to it."""
+        if not self.has_options:
+            return ""
+        asked = []
+        if self.state_dtype not in (None, self.dtype):
+            asked.append(f"state {DTYPE_NAMES[self.state_dtype]}")
+        if self.precision is not Precision.NEAREST:
+            asked.append(f"precision {self.precision.value}")
+        return (f"torch runs plain {DTYPE_NAMES[self.dtype]} (state {DTYPE_NAMES[self.dtype]}, "
+                f"round to nearest): no {' / '.join(asked)} option")
 
 
 def state_bytes_per_element(cfg: OptConfig, state_dtype: torch.dtype) -> int:
@@ -96,22 +145,49 @@ def state_bytes_per_element(cfg: OptConfig, state_dtype: torch.dtype) -> int:
     return 2 * s if SGD_HYPER["momentum"] else 0     # momentum_buffer r+w
 
 
-def bytes_per_step(cfg: OptConfig, numel: int, n_tensors: int,
-                   state_dtype: torch.dtype) -> int:
-    """Bytes one step must move: param r+w and grad r, the state it reads
-    and writes, and (Adam) each tensor's float32 step count r+w.
-    28 B per element for fp32 AdamW."""
-    per_elem = 3 * cfg.dtype.itemsize + state_bytes_per_element(cfg, state_dtype)
-    per_tensor = 8 if cfg.optimizer.is_adam else 0
-    return numel * per_elem + n_tensors * per_tensor
+def param_bytes_per_element(itemsize: int, precision: Precision) -> int:
+    """Param-side bytes per element, grad read included, P = the param's itemsize
+    (the per-element rule of ../spec/issue12.md):
+      nearest, stochastic  grad r, param r+w                        3P
+      master               grad r, master r+w (float32), param w    2P + 8
+                           (x comes from the master: the param is not read)
+      kahan                grad r, param r+w, compensation r+w (P)   5P
+    Stochastic rounding draws its random bits in registers: no extra bytes."""
+    if precision is Precision.MASTER:
+        return 2 * itemsize + 8
+    if precision is Precision.KAHAN:
+        return 5 * itemsize
+    return 3 * itemsize
+
+
+def bytes_per_step(cfg: OptConfig, numel: int, n_tensors: int, state_dtype: torch.dtype,
+                   precision: Precision = Precision.NEAREST) -> int:
+    """Bytes one step must move, the GB/s numerator:
+
+      numel * (param_bytes_per_element(P, precision) + state_bytes_per_element(S))
+      + n_tensors * (8 for Adam, or SGD with stochastic rounding; else 0)
+
+    P the param's itemsize, S the state's; state: exp_avg and exp_avg_sq
+    (+ max_exp_avg_sq with amsgrad) or SGD's momentum_buffer, each r+w; per
+    tensor the float32 step count r+w (SGD keeps one only for the generator
+    of stochastic rounding). Per element, AdamW: fp32 28 B; bf16 14;
+    bf16 params with fp32 state 22; fp32 params with bf16 state 20; bf16
+    master 20, Kahan 18, stochastic 14. fp32 SGD with momentum: 20."""
+    per_elem = (param_bytes_per_element(cfg.dtype.itemsize, precision)
+                + state_bytes_per_element(cfg, state_dtype))
+    counts_steps = cfg.optimizer.is_adam or precision is Precision.STOCHASTIC
+    return numel * per_elem + n_tensors * (8 if counts_steps else 0)
 
 
 @dataclass
 class Runner:
     opt: torch.optim.Optimizer
     step: Callable[[], None]
-    # Storage dtype of the optimizer state (what bytes_per_step charges).
+    # Storage dtype of the optimizer state and how the param is rounded:
+    # what this runner runs (bytes_per_step charges it; check.py picks its
+    # oracle by it). Torch's runners: the param's dtype, NEAREST.
     state_dtype: torch.dtype
+    precision: Precision = Precision.NEAREST
     note: str = ""
 
     def state_of(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -208,7 +284,7 @@ def _package_runner(fa, backend: str):
     def build(params, cfg: OptConfig) -> Runner:
         cls, kwargs = cfg.package_class(fa)
         opt = cls(params, **kwargs, backend=backend)
-        return Runner(opt, opt.step, cfg.state_dtype or cfg.dtype)
+        return Runner(opt, opt.step, cfg.state_dtype or cfg.dtype, cfg.precision)
     return build
 
 

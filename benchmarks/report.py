@@ -14,11 +14,24 @@ measured on a loaded machine (timing.busy_reason). Plots (matplotlib, Agg):
                    labelled with their value, p20..p80 as error bars, busy
                    bars hatched
 Used by benchmarks/run.py.
+
+Storage options against plain fp32 (precision_table): run the harness once
+per option on one workload, a few times each, then
+
+  python benchmarks/report.py --precision-table DIR [DIR ...]
+
+tabulates, per workload, provider and storage (param dtype, state dtype,
+precision), the median GB/s over the runs (each run's GB/s counts the bytes
+that storage must move, providers.bytes_per_step) and its ratio to the plain
+fp32 run's median GB/s of the same provider, workload and optimizer, against
+the issue's target of PRECISION_TARGET (90%).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 from typing import Dict, List, Optional, Sequence
 
 BASELINE = "torch-fused"
@@ -32,6 +45,12 @@ def add_speedups(rows: List[Dict]) -> None:
             r.setdefault(k, None)
 
 
+def storage(r: Dict) -> str:
+    """'bf16/fp32 master': param dtype / state dtype and precision (rows
+    written before the storage options have no precision: nearest)."""
+    return f"{r['dtype']}/{r.get('state_dtype') or r['dtype']} {r.get('precision') or 'nearest'}"
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -41,13 +60,13 @@ def _range(lo, hi, spec: str) -> str:
 
 
 def table(rows: Sequence[Dict]) -> str:
-    head = ["workload", "provider", "numel", "tensors", "ms", "p20..p80", "rounds", "GB/s",
-            "%copy", "x fused", "x p20..p80", "state MB", "busy?", "status"]
+    head = ["workload", "provider", "storage", "numel", "tensors", "ms", "p20..p80", "rounds",
+            "GB/s", "%copy", "x fused", "x p20..p80", "state MB", "busy?", "status"]
     lines = []
     for r in rows:
         ok = r["status"] == "ok"
         lines.append([
-            r["workload"], r["provider"], str(r["numel"]), str(r["n_tensors"]),
+            r["workload"], r["provider"], storage(r), str(r["numel"]), str(r["n_tensors"]),
             _fmt(r["ms_median"], ".3f"),
             _range(r["p20"], r["p80"], ".3f") if ok else "-",
             f"{r['rounds']}x{r['steps_per_round']}" if ok and r.get("rounds") else "-",
@@ -68,7 +87,7 @@ def table(rows: Sequence[Dict]) -> str:
     busy = [r for r in rows if r.get("busy")]
     out.append("ms, p20..p80: over rounds of interleaved steps; x fused: median of the "
                "round-by-round speedups over torch-fused, with their p20..p80; rounds: "
-               "rounds x steps per round")
+               "rounds x steps per round; storage: param/state dtype, precision")
     if busy:
         out.append(f"busy? ({len(busy)} rows): the machine looked loaded while they were timed; "
                    "rerun before quoting them. Why:")
@@ -98,6 +117,62 @@ def profile_table(rows: Sequence[Dict]) -> Optional[str]:
         if r.get("host_reason"):
             out.append(f"  {r['workload']} {r['provider']}: no host cost, {r['host_reason']}")
     return "\n".join(out)
+
+
+PRECISION_TARGET = 0.9
+PLAIN_FP32 = "fp32/fp32 nearest"
+
+
+def precision_table(rows: Sequence[Dict], target: float = PRECISION_TARGET,
+                    skip_busy: bool = False) -> str:
+    """GB/s of each storage against plain fp32 (module docstring). rows: the
+    rows of any number of runs; timed rows ("ok") of one workload, provider,
+    optimizer and storage are pooled, their median GB/s compared with the
+    median of the plain fp32 rows of the same workload, provider and
+    optimizer. A run's row counts as one sample whatever its rounds.
+    skip_busy: leave out rows flagged busy? (timing.busy_reason)."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        if skip_busy and r.get("busy"):
+            continue
+        if r.get("status") == "ok" and r.get("gbps"):
+            key = (r["workload"], r["provider"], r.get("optimizer", "adamw"), storage(r))
+            groups.setdefault(key, []).append(r)
+    head = ["workload", "provider", "optimizer", "storage", "B/elem", "runs", "ms", "GB/s",
+            "GB/s min..max", "x plain fp32", f">= {target:.0%}", "busy runs"]
+    lines = []
+    for (work, prov, opt, stor), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2], kv[0][3] != PLAIN_FP32, kv[0][3])):
+        gbps = [r["gbps"] for r in rs]
+        med = statistics.median(gbps)
+        base = groups.get((work, prov, opt, PLAIN_FP32))
+        ratio = med / statistics.median(r["gbps"] for r in base) if base else None
+        lines.append([work, prov, opt, stor, f"{rs[0]['bytes_per_step'] / rs[0]['numel']:.1f}",
+                      str(len(rs)), f"{statistics.median(r['ms_median'] for r in rs):.3f}",
+                      f"{med:.1f}", f"{min(gbps):.1f}..{max(gbps):.1f}", _fmt(ratio, ".2f"),
+                      "-" if ratio is None else ("yes" if ratio >= target else "NO"),
+                      str(sum(bool(r.get("busy")) for r in rs))])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
+              for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    out.append("storage: param/state dtype, precision; B/elem: bytes the step must move per "
+               "element (providers.bytes_per_step); ms, GB/s: medians over the runs' rows; x plain "
+               f"fp32: median GB/s over the plain fp32 rows' median ({PLAIN_FP32}, same workload, "
+               "provider, optimizer)")
+    return "\n".join(out)
+
+
+def load_rows(paths: Sequence[str]) -> List[Dict]:
+    """Rows of results.json files, or of the results.json in folders."""
+    rows: List[Dict] = []
+    for path in paths:
+        if os.path.isdir(path):
+            path = os.path.join(path, "results.json")
+        with open(path) as f:
+            rows += json.load(f)
+    return rows
 
 
 def write_json(rows: Sequence[Dict], path: str) -> None:
@@ -203,3 +278,18 @@ def plots(rows: Sequence[Dict], out_dir: str, copy_gbps: float, title: str) -> L
         plt.close(fig)
         written.append(path)
     return written
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Tables from benchmark results (benchmarks/run.py's "
+                                             "results.json files or their folders).")
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="results.json files or their folders")
+    ap.add_argument("--precision-table", action="store_true",
+                    help="GB/s of each storage option against plain fp32 (default: the run table)")
+    ap.add_argument("--target", type=float, default=PRECISION_TARGET,
+                    help=f"the fraction of plain fp32's GB/s to meet (default {PRECISION_TARGET})")
+    ap.add_argument("--skip-busy", action="store_true",
+                    help="--precision-table: leave out rows flagged busy? (machine loaded)")
+    cli = ap.parse_args()
+    loaded = load_rows(cli.paths)
+    print(precision_table(loaded, cli.target, cli.skip_busy) if cli.precision_table else table(loaded))

@@ -6,12 +6,15 @@ Run from the repository root (or anywhere):
   python benchmarks/run.py --quick              # a short sweep (under 2 minutes on 2 CPU cores)
   python benchmarks/run.py --workloads 4x16M gpt2 --providers torch-fused 'fused_adamw-*'
   python benchmarks/run.py --dtype bf16 --state-dtype fp32 --optimizer adamw --profile
+  python benchmarks/run.py --dtype bf16 --precision kahan --workloads 4x16M  # storage options
   python benchmarks/run.py --help               # every option
 
 Per workload: allocate random params and grads (one set, shared by the
 providers); for each provider build the optimizer and take CHECK_STEPS steps
-compared with torch.optim foreach (check.py; a provider that fails is
-reported FAILED and not timed); then time the providers that passed
+compared with torch.optim foreach, or under this package's storage options
+(--state-dtype, --precision) with their float64 model in
+fused_adamw.reference (check.py; a provider that fails is reported FAILED
+and not timed); then time the providers that passed
 interleaved, in rounds (timing.measure_interleaved: each round runs a few
 steps of every provider in turn), so a busy spell of the machine hits them
 alike; each row reports the median over rounds and the spread p20..p80, the
@@ -20,10 +23,11 @@ the machine was loaded is flagged "busy?" (timing.busy_reason), and each
 row's timed steps are capped at about --row-seconds. Optionally profile a
 few steps and measure the host cost of a step (--profile, profiling.py).
 GB/s counts the bytes a step must move (providers.bytes_per_step: 28 B per
-element for fp32 AdamW) and is compared with the copy bandwidth measured at
-the start of the same run. Output: a table on stdout, DIR/results.json,
-DIR/*.png, DIR/trace_*.json with --profile (report.py). Default DIR:
-<temp dir>/fused_adamw-bench-<device>-<UTC time>, outside the source tree.
+element for fp32 AdamW, and what each storage option reads and writes) and
+is compared with the copy bandwidth measured at the start of the same run.
+Output: a table on stdout, DIR/results.json, DIR/*.png, DIR/trace_*.json
+with --profile (report.py). Default DIR: <temp dir>/fused_adamw-bench-
+<device>-<UTC time>, outside the source tree.
 Follows STYLE.md's benchmark rules; workloads are described in workloads.py.
 """
 from __future__ import annotations
@@ -109,9 +113,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help="provider names, or prefixes ending in '*' (default: all available)")
     ap.add_argument("--optimizer", choices=[k.value for k in prov.OptimizerKind], default="adamw")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    ap.add_argument("--state-dtype", choices=["fp32"], default=None,
-                    help="fp32 optimizer state for 16-bit params (fused_adamw only; "
-                         "torch providers keep state in the param dtype)")
+    ap.add_argument("--state-dtype", choices=["fp32", "bf16"], default=None,
+                    help="optimizer state dtype: fp32 for 16-bit params, bf16 for any "
+                         "(fused_adamw only; torch providers keep state in the param dtype)")
+    ap.add_argument("--precision", choices=[p.value for p in prov.Precision],
+                    default=prov.Precision.NEAREST.value,
+                    help="how 16-bit params take the update: nearest (round to nearest, "
+                         "as torch), master (fp32 master weights), stochastic (stochastic "
+                         "rounding, keyed on --seed), kahan (Kahan summation); fused_adamw "
+                         "only, torch providers round to nearest")
     ap.add_argument("--amsgrad", action="store_true")
     ap.add_argument("--out", metavar="DIR",
                     help="output folder (default: <temp dir>/fused_adamw-bench-<device>-<UTC time>)")
@@ -135,8 +145,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help="do not flush the last-level cache before each timed step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.state_dtype and args.dtype == "fp32":
-        ap.error("--state-dtype fp32 is for --dtype bf16 or fp16")
+    if args.state_dtype == "fp32" and args.dtype == "fp32":
+        ap.error("--state-dtype fp32 is for --dtype bf16 or fp16 (fp32 params keep fp32 state)")
+    if args.precision != prov.Precision.NEAREST.value and args.dtype not in ("bf16", "fp16"):
+        ap.error(f"--precision {args.precision} is for --dtype bf16 or fp16 (16-bit params); "
+                 f"got --dtype {args.dtype}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch.cuda.is_available() is False")
     if args.rounds < timing.MIN_ROUNDS:
@@ -175,6 +188,28 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+def _native_builds() -> Dict[str, object]:
+    """Which build of each importable native module ran: its build_info(),
+    file modification time and the first 12 hex digits of the file's
+    SHA-256 (a dirty tree's git commit does not say which kernels were
+    built from it)."""
+    import hashlib
+    import importlib
+    out: Dict[str, object] = {}
+    for name in prov.NATIVE_MODULES.values():
+        try:
+            mod = importlib.import_module(name)
+            with open(mod.__file__, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:12]
+            mtime = datetime.datetime.fromtimestamp(os.path.getmtime(mod.__file__), datetime.timezone.utc)
+            info = mod.build_info() if hasattr(mod, "build_info") else None
+        except (ImportError, OSError):
+            continue
+        out[name] = {"sha256": digest, "mtime_utc": mtime.isoformat(timespec="seconds"),
+                     "build_info": info}
+    return out
+
+
 def environment(device: torch.device, command: str) -> Dict[str, object]:
     cpu = _cpu_model()
     return {
@@ -187,6 +222,7 @@ def environment(device: torch.device, command: str) -> Dict[str, object]:
         "triton_version": _version("triton"),
         "python_version": platform.python_version(),
         "git_commit": _git_commit(),
+        "native_builds": _native_builds(),
         "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
@@ -218,13 +254,19 @@ def _base_row(workload: wl.Workload, provider: prov.Provider, cfg: prov.OptConfi
         "step_p20": None, "step_p80": None, "gbps": None, "frac_copy_bw": None,
         "steps_timed": None, "timed_s": None, "bytes_per_step": None, "peak_mem_bytes": None,
         "peak_mem_kind": None, "check_max_err": None, "check_sampled_numel": None,
+        "check_oracle": None, "check_same_fraction": None,
         "first_steps_s": None, "busy": None, "busy_reason": "", "others_cpu": None,
         "note": cfg.note(),
     }
-    row["state_dtype"] = prov.DTYPE_NAMES[cfg.state_dtype or cfg.dtype] if provider.is_package \
-        else row["dtype"]
-    if cfg.state_dtype is not None and not provider.is_package:
-        row["note"] = f"torch keeps {row['dtype']} state (no fp32-state option)"
+    # What this provider runs: the storage options go to fused_adamw only.
+    if provider.is_package:
+        row["state_dtype"] = prov.DTYPE_NAMES[cfg.state_dtype or cfg.dtype]
+        row["precision"] = cfg.precision.value
+    else:
+        row["state_dtype"] = row["dtype"]
+        row["precision"] = prov.Precision.NEAREST.value
+        if cfg.has_options:
+            row["note"] = "; ".join(n for n in (cfg.note(), cfg.torch_note()) if n)
     return row
 
 
@@ -287,6 +329,8 @@ def run_workload(workload: wl.Workload, providers: Sequence[prov.Provider], cfg:
             if chk is not None:
                 row["check_max_err"] = chk.max_err
                 row["check_sampled_numel"] = chk.sampled_numel
+                row["check_oracle"] = chk.oracle
+                row["check_same_fraction"] = chk.same_fraction or None
                 if not chk.ok:
                     row.update(status="FAILED", reason=chk.detail)
             if row["status"] != "ok":
@@ -322,7 +366,8 @@ def run_workload(workload: wl.Workload, providers: Sequence[prov.Provider], cfg:
                     row.update(status="ERROR", reason="no round completed")
                 continue
             rms = res.round_ms[name]
-            nbytes = prov.bytes_per_step(cfg, workload.numel, workload.n_tensors, runner.state_dtype)
+            nbytes = prov.bytes_per_step(cfg, workload.numel, workload.n_tensors, runner.state_dtype,
+                                         runner.precision)
             ms = statistics.median(rms)
             gbps = nbytes / (ms * 1e-3) / 1e9
             row.update(ms_median=ms, p20=timing.quantile(rms, 0.2), p80=timing.quantile(rms, 0.8),
@@ -408,7 +453,7 @@ def main(argv: Optional[Sequence[str]] = None,
     device = torch.device(args.device)
     cfg = prov.OptConfig(prov.OptimizerKind(args.optimizer), prov.DTYPES[args.dtype],
                          prov.DTYPES[args.state_dtype] if args.state_dtype else None,
-                         args.amsgrad)
+                         args.amsgrad, prov.Precision(args.precision), args.seed)
     default_workloads, default_exps = DEFAULTS[(device.type, args.quick)]
     jobs_workloads = wl.resolve(args.workloads or default_workloads, args.sizes or default_exps)
 
@@ -419,6 +464,8 @@ def main(argv: Optional[Sequence[str]] = None,
         print(f"note: {n}")
     if cfg.note():
         print(f"note: {cfg.note()}")
+    if cfg.torch_note():
+        print(f"note: {cfg.torch_note()}")
 
     env = environment(device, command)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -431,7 +478,8 @@ def main(argv: Optional[Sequence[str]] = None,
                package_notes=notes, rounds_planned=args.rounds, row_seconds=args.row_seconds)
     print(f"{env['device_name']} ({device.type}, {env['cpu_threads']} threads), "
           f"torch {env['torch_version']}, copy bandwidth {args.copy_gbps:.1f} GB/s; "
-          f"{args.optimizer} {args.dtype}{' state ' + args.state_dtype if args.state_dtype else ''}; "
+          f"{args.optimizer} {args.dtype}{' state ' + args.state_dtype if args.state_dtype else ''}"
+          f"{' ' + args.precision if cfg.precision is not prov.Precision.NEAREST else ''}; "
           f"providers: {', '.join(p.name for p in chosen)}")
     print(f"{args.rounds} interleaved rounds per workload, about {args.row_seconds:g} s of timed "
           f"steps per row; output in {out_dir}")
@@ -471,7 +519,9 @@ def main(argv: Optional[Sequence[str]] = None,
     report.write_json(rows, os.path.join(out_dir, "results.json"))
     commit = env["git_commit"] or ""
     commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
-    title = (f"{args.optimizer} {args.dtype}, {env['device_name']}, torch {env['torch_version']}, "
+    storage = (f" state {args.state_dtype}" if args.state_dtype else "") + \
+        (f" {args.precision}" if cfg.precision is not prov.Precision.NEAREST else "")
+    title = (f"{args.optimizer} {args.dtype}{storage}, {env['device_name']}, torch {env['torch_version']}, "
              f"{commit}"[:100])
     pngs = report.plots(rows, out_dir, args.copy_gbps, title)
     print(f"\n{len(rows)} rows in {wall:.1f} s; wrote {os.path.join(out_dir, 'results.json')}"
