@@ -34,18 +34,22 @@ float32 scalar step of each param tensor) divided by the number of params;
 "params + state B/param" adds the params' own nbytes. Grads (param dtype),
 activations and the plans' small address tables are not counted.
 
-Run from the repository root (the default took about N min on 2 shared cores,
+Run from the repository root (the default, 6 runs in 2 processes, took 14.3 min
+on 2 cores shared with compiles and test runs, load average about 7;
 benchmarks/results/precision-lm/COMMAND.txt):
-  python benchmarks/precision_lm.py                 # all runs -> benchmarks/results/precision-lm/
+  python benchmarks/precision_lm.py                 # the six runs -> benchmarks/results/precision-lm/
   python benchmarks/precision_lm.py --runs torch-fp32   # adds the torch.optim reference to DIR
+  python benchmarks/precision_lm.py --seed 1 --out benchmarks/results/precision-lm/seed-1   # other init + batches
   python benchmarks/precision_lm.py --runs fp32 bf16-rn --steps 50 --out DIR
   python benchmarks/precision_lm.py --replot        # table and figure from DIR/results.json only
 
 Every run is written to DIR/results.json (and DIR/runs/<name>.csv: step,
 lr, train loss, eval loss) as soon as it finishes; a rerun with the same
 training settings skips the runs already there (--fresh discards them).
-When every run is in, the script writes DIR/table.md, DIR/loss_curves.png
-and DIR/COMMAND.txt (command, machine, versions, git commit, wall time).
+Then the script writes, over every run in results.json, DIR/table.md,
+DIR/loss_curves.png and DIR/COMMAND.txt (commands, machine, versions, git
+commit, wall time). --seed sets the init, the batches and the stochastic
+rounding generator's key together.
 """
 from __future__ import annotations
 
@@ -543,7 +547,7 @@ def plot(results: dict, names: Sequence[str], path: str, subtitle: str = "") -> 
     fig.suptitle("Issue 12: bf16 params and bf16 optimizer state on a small byte-level transformer LM\n"
                  + "\n".join(textwrap.wrap(subtitle, 200)), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

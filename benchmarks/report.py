@@ -51,6 +51,15 @@ def storage(r: Dict) -> str:
     return f"{r['dtype']}/{r.get('state_dtype') or r['dtype']} {r.get('precision') or 'nearest'}"
 
 
+def native_build(r: Dict) -> Optional[str]:
+    """The SHA-256 prefix of the native module a fused_adamw-<backend> row
+    ran (fused_adamw._<backend>), None for other providers or older rows."""
+    if not r["provider"].startswith("fused_adamw-"):
+        return None
+    module = "fused_adamw._" + r["provider"].split("-", 1)[1]
+    return ((r.get("native_builds") or {}).get(module) or {}).get("sha256")
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -129,25 +138,27 @@ def precision_table(rows: Sequence[Dict], target: float = PRECISION_TARGET,
     rows of any number of runs; timed rows ("ok") of one workload, provider,
     optimizer and storage are pooled, their median GB/s compared with the
     median of the plain fp32 rows of the same workload, provider and
-    optimizer. A run's row counts as one sample whatever its rounds.
-    skip_busy: leave out rows flagged busy? (timing.busy_reason)."""
+    optimizer. A run's row counts as one sample whatever its rounds. Rows
+    of different builds of a provider's native module (native_build) are
+    not pooled. skip_busy: leave out rows flagged busy? (timing.busy_reason)."""
     groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
         if skip_busy and r.get("busy"):
             continue
         if r.get("status") == "ok" and r.get("gbps"):
-            key = (r["workload"], r["provider"], r.get("optimizer", "adamw"), storage(r))
+            key = (r["workload"], r["provider"], native_build(r) or "-", r.get("optimizer", "adamw"),
+                   storage(r))
             groups.setdefault(key, []).append(r)
-    head = ["workload", "provider", "optimizer", "storage", "B/elem", "runs", "ms", "GB/s",
+    head = ["workload", "provider", "build", "optimizer", "storage", "B/elem", "runs", "ms", "GB/s",
             "GB/s min..max", "x plain fp32", f">= {target:.0%}", "busy runs"]
     lines = []
-    for (work, prov, opt, stor), rs in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], kv[0][2], kv[0][3] != PLAIN_FP32, kv[0][3])):
+    for (work, prov, build, opt, stor), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][:4], kv[0][4] != PLAIN_FP32, kv[0][4])):
         gbps = [r["gbps"] for r in rs]
         med = statistics.median(gbps)
-        base = groups.get((work, prov, opt, PLAIN_FP32))
+        base = groups.get((work, prov, build, opt, PLAIN_FP32))
         ratio = med / statistics.median(r["gbps"] for r in base) if base else None
-        lines.append([work, prov, opt, stor, f"{rs[0]['bytes_per_step'] / rs[0]['numel']:.1f}",
+        lines.append([work, prov, build, opt, stor, f"{rs[0]['bytes_per_step'] / rs[0]['numel']:.1f}",
                       str(len(rs)), f"{statistics.median(r['ms_median'] for r in rs):.3f}",
                       f"{med:.1f}", f"{min(gbps):.1f}..{max(gbps):.1f}", _fmt(ratio, ".2f"),
                       "-" if ratio is None else ("yes" if ratio >= target else "NO"),
@@ -157,10 +168,11 @@ def precision_table(rows: Sequence[Dict], target: float = PRECISION_TARGET,
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)),
            "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
-    out.append("storage: param/state dtype, precision; B/elem: bytes the step must move per "
+    out.append("build: SHA-256 prefix of the provider's native module (run.py's native_builds); "
+               "storage: param/state dtype, precision; B/elem: bytes the step must move per "
                "element (providers.bytes_per_step); ms, GB/s: medians over the runs' rows; x plain "
                f"fp32: median GB/s over the plain fp32 rows' median ({PLAIN_FP32}, same workload, "
-               "provider, optimizer)")
+               "provider, build, optimizer)")
     return "\n".join(out)
 
 

@@ -9,7 +9,7 @@ options (--state-dtype, --precision) that the check against the float64
 model passes the package and fails planted bugs. Unit tests pin the
 interleaving order, the row time cap, the busy rule, the byte model, the
 precision table and the default output folder. Run: pytest
-tests/test_benchmarks.py (about 30 s on 2 idle cores).
+tests/test_benchmarks.py (about 10 s on 2 idle cores).
 """
 from __future__ import annotations
 
@@ -486,11 +486,16 @@ def test_precision_table_ratios():
     rows += [row("bf16", "bf16", "nearest", 1.0, provider="torch-fused")]  # no fp32 baseline
     rows += [dict(row("fp32", "fp32", "nearest", 1e9), status="FAILED")]   # not timed: ignored
     lines = report.precision_table(rows).splitlines()
-    body = {l.split()[3] + " " + l.split()[4]: l.split() for l in lines[2:6]}
-    assert body["fp32/fp32 nearest"][10:12] == ["1.00", "yes"]
-    assert body["bf16/bf16 master"][6:11] == ["2", "1.000", "64.0", "62.0..66.0", "0.91"]
-    assert body["bf16/bf16 master"][11] == "yes"
-    assert body["bf16/bf16 kahan"][10:13] == ["0.71", "NO", "1"]
-    assert [l for l in lines if "torch-fused" in l][0].split()[10:12] == ["-", "-"]
+    # columns: workload provider build optimizer storage(2) B/elem runs ms GB/s range ratio ok busy
+    body = {l.split()[4] + " " + l.split()[5]: l.split() for l in lines[2:6]}
+    assert body["fp32/fp32 nearest"][11:13] == ["1.00", "yes"]
+    assert body["bf16/bf16 master"][7:12] == ["2", "1.000", "64.0", "62.0..66.0", "0.91"]
+    assert body["bf16/bf16 master"][12] == "yes"
+    assert body["bf16/bf16 kahan"][11:14] == ["0.71", "NO", "1"]
+    assert [l for l in lines if "torch-fused" in l][0].split()[11:13] == ["-", "-"]
+    # Another build of the native module is not pooled with these rows.
+    other = [dict(row("bf16", "bf16", "master", 10.0), native_builds={"fused_adamw._cpu": {"sha256": "abc"}})]
+    again = report.precision_table(rows + other)
+    assert [l for l in again.splitlines() if " abc " in l][0].split()[11] == "-"
     quiet = report.precision_table(rows, skip_busy=True)
     assert "kahan" not in quiet and "master" in quiet

@@ -299,7 +299,7 @@ def test_arguments_are_validated_before_any_cuda_call(kw, what):
                        0, 0, 0, sgd_kw["device"], 0, sgd_kw["workspace"])
 
 
-@pytest.mark.parametrize("param,state", [(0, 0), (1, 1), (2, 2), (2, 0), (3, 3), (3, 0)])
+@pytest.mark.parametrize("param,state", [(0, 0), (1, 1), (2, 2), (2, 0), (3, 3), (3, 0), (0, 3), (2, 3)])
 def test_allowed_dtype_pairs_with_nothing_to_do(param, state):
     _adam_call(param=param, state=state)  # n_tensors == 0: validated, then nothing
 
@@ -373,7 +373,8 @@ _PTXAS_ENTRY = re.compile(
 
 def _short(mangled: str) -> str:
     """The kernel and its template arguments, from a mangled name."""
-    m = re.search(r"(adam_step_kernel|adam_kernel|sgd_kernel|upload_kernel)(I.*?EEv)?", mangled)
+    m = re.search(r"(adam_step_kernel|adam_precision_kernel|adam_kernel|sgd_step_kernel|sgd_precision_kernel|"
+                  r"sgd_kernel|upload_kernel)(I.*?EEv)?", mangled)
     return m.group(0) if m else mangled
 
 
@@ -387,8 +388,13 @@ def test_ptxas_registers_and_no_spills(guard_build):
             rows.append((stem, name, int(stack), int(stores), int(loads), int(regs)))
     print("\n".join(f"{_short(n)}: {r} registers, stack {st}, spills {a}/{b}" for _, n, st, a, b, r in rows))
     kernels = {n for _, n, *_ in rows}
-    assert any("adam_step_kernel" in n for n in kernels) and sum("adam_kernel" in n for n in kernels) == 12
-    assert sum("sgd_kernel" in n for n in kernels) == 12
+    # Plain kernels: 8 (param, state) dtype pairs x the amsgrad / momentum flag.
+    # Precision kernels: the 5 pairs with a 16-bit param x 3 modes x the flag.
+    assert any("adam_step_kernel" in n for n in kernels) and any("sgd_step_kernel" in n for n in kernels)
+    assert sum("adam_kernel" in n for n in kernels) == 16
+    assert sum("sgd_kernel" in n for n in kernels) == 16
+    assert sum("adam_precision_kernel" in n for n in kernels) == 30
+    assert sum("sgd_precision_kernel" in n for n in kernels) == 30
     for stem, name, stack, stores, loads, regs in rows:
         assert (stack, stores, loads) == (0, 0, 0), f"{name}: stack {stack}, spill stores {stores}, loads {loads}"
         assert regs <= MAX_REGISTERS, f"{name}: {regs} registers"
@@ -429,4 +435,4 @@ def test_vector_path_uses_128_bit_global_accesses(guard_build):
             continue
         checked += 1
         assert c["LDG128"] >= need[0] and c["STG128"] >= need[1], f"{name}: {c}, want at least {need}"
-    assert checked == 24
+    assert checked == 32
