@@ -7,8 +7,8 @@
 //   g++ -O3 -fno-math-errno -fopenmp-simd -std=c++17 -mavx512f -mfma \
 //       -I csrc/include benchmarks/micro/adam_math.cpp -o /tmp/adam_math && /tmp/adam_math
 //
-// (-mavx2 -mfma for the AVX2 copy; the flags are those CMakeLists.txt gives
-// the kernels.) Prints ns per element with the grad-scale division
+// (-mavx2 -mfma for the AVX2 copy; CMakeLists.txt gives the kernels these
+// flags and a few more.) Not built by the package or CI. Prints ns per element with the grad-scale division
 // (g / grad_scale, a run-time value as in the kernels) and without it.
 #include <fused_adamw/update.h>
 
